@@ -1,0 +1,1 @@
+"""Clients: the embedded database today; the network clients share its interface."""

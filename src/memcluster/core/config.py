@@ -1,0 +1,88 @@
+"""One configuration object holding every limit of a memcluster process.
+
+Every bound (sizes, counts, intervals) lives here, with its unit in its name, so that a reader
+finds all the knobs in one place and a test can shrink them. Collection-level settings (dim,
+metric, capacity, TTL) are in :class:`memcluster.core.types.CollectionConfig`; this object is
+process-wide.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from memcluster.core.types import Durability
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    """Process-wide limits and tuning. All fields have safe defaults."""
+
+    # -- input limits (a request over one gets a clear 4xx, never a partial write) -------------
+    dim_max: int = 4096
+    """Largest vector dimension a collection may have."""
+    key_bytes_max: int = 512
+    """Largest key, UTF-8 encoded."""
+    namespace_depth_max: int = 8
+    """Most parts a namespace tuple may have."""
+    namespace_part_bytes_max: int = 128
+    """Largest namespace part, UTF-8 encoded."""
+    text_bytes_max: int = 1 << 20
+    """Largest memory text, UTF-8 encoded."""
+    metadata_bytes_max: int = 64 << 10
+    """Largest metadata object, JSON encoded."""
+    batch_items_max: int = 10_000
+    """Most memories in one put_many."""
+    search_k_max: int = 10_000
+    """Largest k a search may ask for."""
+    list_limit_max: int = 10_000
+    """Largest page a list may return."""
+    collections_max: int = 1_000
+    """Most collections in one database."""
+    shards_max: int = 1_024
+    """Most shards a collection may have."""
+
+    # -- write-ahead log -----------------------------------------------------------------------
+    durability: Durability = Durability.FSYNC
+    """Default acknowledgement level for collections that do not set their own."""
+    wal_segment_bytes: int = 64 << 20
+    """A WAL segment rolls over once it reaches this size."""
+    wal_record_bytes_max: int = 64 << 20
+    """Largest single WAL record; larger lengths found on disk are treated as damage."""
+    wal_batch_sync_interval_s: float = 0.05
+    """With durability ``batch``, how often the background step fsyncs the log."""
+
+    # -- snapshots -----------------------------------------------------------------------------
+    snapshot_wal_bytes: int = 256 << 20
+    """Take a snapshot once this many WAL bytes were written since the last one."""
+    snapshots_kept: int = 2
+    """How many snapshots to keep on disk (the newest ones)."""
+
+    # -- vector index --------------------------------------------------------------------------
+    hnsw_m: int = 16
+    """hnswlib M: graph degree. Higher = better recall, more memory."""
+    hnsw_ef_construction: int = 100
+    """hnswlib ef_construction: build-time beam width."""
+    hnsw_ef_search: int = 64
+    """hnswlib ef at query time (raised to k when k is larger)."""
+    hnsw_threads: int = 2
+    """Threads hnswlib may use to insert a chunk."""
+    exact_items_max: int = 10_000
+    """A shard with at most this many live memories is searched exactly, without the graph."""
+    exact_filter_items_max: int = 40_000
+    """A filtered search whose filter matches at most this many memories scans them exactly."""
+    seal_chunk_items: int = 1_024
+    """How many fresh writes one background step moves from the exact buffer into the graph."""
+    hnsw_overfetch_factor: float = 2.0
+    """A filtered graph search asks for k / selectivity * this many candidates."""
+
+    # -- background work -----------------------------------------------------------------------
+    background: bool = True
+    """Run the maintenance thread (indexing, TTL sweeps, snapshots, batch fsync). Tests that
+    drive maintenance by hand turn it off."""
+    maintenance_interval_s: float = 0.05
+    """How often the maintenance thread wakes when it has nothing to do."""
+    expire_batch_items_max: int = 10_000
+    """Most expired memories deleted by one sweep record."""
+
+    # -- idempotency ---------------------------------------------------------------------------
+    idempotency_keys_max: int = 100_000
+    """Batch idempotency keys remembered per shard (oldest forgotten first)."""

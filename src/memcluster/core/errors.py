@@ -1,0 +1,214 @@
+"""The one error tree of memcluster.
+
+Every error memcluster raises on purpose is a subclass of :class:`MemclusterError`. The tree
+says whose fault an error is and whether retrying can help::
+
+    MemclusterError
+    ├── RequestError                 the caller must change the request; never retried
+    │   ├── InvalidArgument          400  malformed input
+    │   │   ├── InvalidName          400  collection name, namespace part or key
+    │   │   ├── InvalidVector        400  NaN/inf, zero vector under cosine, not 1-d
+    │   │   │   └── DimensionMismatch  400  vector length != collection dim
+    │   │   ├── InvalidMetadata      400  not a JSON object of JSON values
+    │   │   └── InvalidFilter        400  unknown operator, wrong operand type
+    │   ├── PayloadTooLarge          413  text, metadata, batch or record over its limit
+    │   ├── NotFound                 404
+    │   │   └── CollectionNotFound   404
+    │   ├── AlreadyExists            409
+    │   │   └── CollectionExists     409
+    │   ├── VersionConflict          409  if_version did not match (carries expected/actual)
+    │   ├── CapacityExceeded         507  full collection with eviction "none"
+    │   └── InvalidState             409  e.g. the database is closed
+    ├── RetryableError               the same request may succeed later
+    │   ├── NotLeader                421  carries a hint: where the leader is
+    │   ├── ShardUnavailable         503
+    │   ├── Timeout                  504
+    │   └── Overloaded               429
+    └── FatalError                   the system is damaged; never retried
+        ├── CorruptionError          500  a CRC mismatch or a gap in the log
+        └── StorageError             500  a failed fsync/write: the shard stops taking writes
+
+:data:`ERROR_TABLE` is the one table mapping every concrete class to its retryability, its
+HTTP status and its wire code; :func:`is_retryable` reads it, and a test checks that every
+class in this module has a row. Messages name the subsystem and the facts, and say what to do:
+``wal: crc mismatch in segment 00000000000000000001.wal at offset 4096``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class MemclusterError(Exception):
+    """Base of every error memcluster raises on purpose."""
+
+    @property
+    def code(self) -> str:
+        """The machine-readable wire code of this error (see :data:`ERROR_TABLE`)."""
+        return ERROR_TABLE[type(self)].code
+
+
+# -- the caller's fault -------------------------------------------------------------------
+
+
+class RequestError(MemclusterError):
+    """The request cannot succeed as it is; the message says what to change."""
+
+
+class InvalidArgument(RequestError):
+    """A malformed argument."""
+
+
+class InvalidName(InvalidArgument):
+    """A collection name, namespace part or key is empty, too long or badly formed."""
+
+
+class InvalidVector(InvalidArgument):
+    """A vector holds NaN or infinite values, is not one-dimensional, or is zero under cosine."""
+
+
+class DimensionMismatch(InvalidVector):
+    """A vector's length differs from the collection's ``dim``."""
+
+    def __init__(self, message: str, *, expected: int, actual: int) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.actual = actual
+
+
+class InvalidMetadata(InvalidArgument):
+    """Metadata is not a JSON object of JSON values."""
+
+
+class InvalidFilter(InvalidArgument):
+    """A filter uses an unknown operator or an operand of the wrong type."""
+
+
+class PayloadTooLarge(RequestError):
+    """Text, metadata, a batch or a whole record is over its configured limit."""
+
+
+class NotFound(RequestError):
+    """The named thing does not exist."""
+
+
+class CollectionNotFound(NotFound):
+    """No collection has this name."""
+
+
+class AlreadyExists(RequestError):
+    """The thing to create exists already."""
+
+
+class CollectionExists(AlreadyExists):
+    """A collection of this name exists already."""
+
+
+class VersionConflict(RequestError):
+    """A conditional write's ``if_version`` did not match the stored version.
+
+    ``expected`` is what the caller asked for (0 = "absent"); ``actual`` is the stored
+    version (0 when the memory does not exist).
+    """
+
+    def __init__(self, message: str, *, expected: int, actual: int) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.actual = actual
+
+
+class CapacityExceeded(RequestError):
+    """A collection (or namespace) is full and its eviction policy is ``none``."""
+
+
+class InvalidState(RequestError):
+    """The object cannot serve requests in its current state (for example, it is closed)."""
+
+
+# -- retryable ----------------------------------------------------------------------------
+
+
+class RetryableError(MemclusterError):
+    """The same request may succeed if sent again later (or elsewhere)."""
+
+
+class NotLeader(RetryableError):
+    """This replica is not the shard's leader; ``leader_hint`` names the one to ask."""
+
+    def __init__(self, message: str, *, leader_hint: str | None = None) -> None:
+        super().__init__(message)
+        self.leader_hint = leader_hint
+
+
+class ShardUnavailable(RetryableError):
+    """The shard has no replica able to serve the request right now."""
+
+
+class Timeout(RetryableError):
+    """The operation did not finish within its deadline."""
+
+
+class Overloaded(RetryableError):
+    """A bounded queue is full; back off and retry."""
+
+
+# -- fatal --------------------------------------------------------------------------------
+
+
+class FatalError(MemclusterError):
+    """Stored data is damaged or the disk failed; retrying cannot help."""
+
+
+class CorruptionError(FatalError):
+    """Stored bytes fail their checksum or break the log's sequence."""
+
+
+class StorageError(FatalError):
+    """A write or fsync failed; the shard refuses further writes until reopened."""
+
+
+class ErrorInfo(NamedTuple):
+    """One row of the error table."""
+
+    retryable: bool
+    http_status: int
+    code: str
+
+
+ERROR_TABLE: dict[type[MemclusterError], ErrorInfo] = {
+    MemclusterError: ErrorInfo(False, 500, "internal"),
+    RequestError: ErrorInfo(False, 400, "bad_request"),
+    InvalidArgument: ErrorInfo(False, 400, "invalid_argument"),
+    InvalidName: ErrorInfo(False, 400, "invalid_name"),
+    InvalidVector: ErrorInfo(False, 400, "invalid_vector"),
+    DimensionMismatch: ErrorInfo(False, 400, "dimension_mismatch"),
+    InvalidMetadata: ErrorInfo(False, 400, "invalid_metadata"),
+    InvalidFilter: ErrorInfo(False, 400, "invalid_filter"),
+    PayloadTooLarge: ErrorInfo(False, 413, "payload_too_large"),
+    NotFound: ErrorInfo(False, 404, "not_found"),
+    CollectionNotFound: ErrorInfo(False, 404, "collection_not_found"),
+    AlreadyExists: ErrorInfo(False, 409, "already_exists"),
+    CollectionExists: ErrorInfo(False, 409, "collection_exists"),
+    VersionConflict: ErrorInfo(False, 409, "version_conflict"),
+    CapacityExceeded: ErrorInfo(False, 507, "capacity_exceeded"),
+    InvalidState: ErrorInfo(False, 409, "invalid_state"),
+    RetryableError: ErrorInfo(True, 503, "retryable"),
+    NotLeader: ErrorInfo(True, 421, "not_leader"),
+    ShardUnavailable: ErrorInfo(True, 503, "shard_unavailable"),
+    Timeout: ErrorInfo(True, 504, "timeout"),
+    Overloaded: ErrorInfo(True, 429, "overloaded"),
+    FatalError: ErrorInfo(False, 500, "fatal"),
+    CorruptionError: ErrorInfo(False, 500, "corruption"),
+    StorageError: ErrorInfo(False, 500, "storage"),
+}
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether sending the same request again may succeed.
+
+    Only errors of the tree can be retryable; anything else (a bug, ``KeyboardInterrupt``)
+    is not.
+    """
+    if not isinstance(exc, MemclusterError):
+        return False
+    return ERROR_TABLE[type(exc)].retryable

@@ -1,0 +1,1 @@
+"""Vector index and metadata filters: how a shard finds memories fast."""

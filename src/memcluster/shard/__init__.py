@@ -1,0 +1,1 @@
+"""One shard replica: WAL + in-memory state + indexes, single writer, recovery."""

@@ -1,0 +1,1 @@
+"""WAL and snapshots: the bytes on disk, their formats and crash behaviour."""
