@@ -1,0 +1,566 @@
+"""The embedded database: memcluster in the agent's own process, no server, no network.
+
+``memcluster.open(path)`` returns a :class:`Database`; its collections have the same methods,
+arguments, results and errors as the network clients' (names may grow, never change)::
+
+    import memcluster
+    with memcluster.open("./data") as db:
+        coll = db.create_collection("memories", dim=384, metric="cosine", shards=4)
+        coll.put(namespace=("team-a", "agent-7"), key="m1", text="...", vector=vec)
+        hits = coll.search(vector=q, k=10, namespace=("team-a",), filter={"speaker": "Alice"})
+
+Data directory layout::
+
+    DIR/LOCK                                   held (flock) by the process that has DIR open
+    DIR/collections/NAME/config.json           the CollectionConfig, written atomically
+    DIR/collections/NAME/shard-0000/wal/       that shard's WAL segments
+    DIR/collections/NAME/shard-0000/snapshots/ its snapshots
+
+A collection's memories are spread over its shards by :func:`memcluster.core.hashing.shard_of`,
+the hash the cluster uses, and results are merged across shards (top-k by score, ties by
+namespace and key).
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
+
+import msgspec
+
+from memcluster.core import validation
+from memcluster.core.clock import Clock, SystemClock
+from memcluster.core.codec import from_json, to_json
+from memcluster.core.config import Config
+from memcluster.core.errors import (
+    CollectionExists,
+    CollectionNotFound,
+    InvalidArgument,
+    InvalidState,
+    PayloadTooLarge,
+)
+from memcluster.core.hashing import shard_of
+from memcluster.core.types import (
+    CollectionConfig,
+    CollectionInfo,
+    CollectionStats,
+    Durability,
+    Eviction,
+    Hit,
+    Memory,
+    Metric,
+    Page,
+)
+from memcluster.index.filters import Filter, compile_filter
+from memcluster.shard.maintenance import Maintainer
+from memcluster.shard.shard import PreparedPut, Shard
+from memcluster.storage.snapshot import SnapshotStore, fsync_dir
+from memcluster.storage.wal import FileWal
+
+log = logging.getLogger("memcluster")
+
+Namespace = tuple[str, ...] | Sequence[str]
+
+
+def open(  # noqa: A001 - the public name mirrors built-in open() on purpose
+    path: str | os.PathLike[str], config: Config | None = None, *, clock: Clock | None = None
+) -> Database:
+    """Open (creating if needed) the database in directory ``path``.
+
+    Only one process may have a directory open; a second gets InvalidState. Recovery (snapshot
+    plus WAL replay) runs here, so every acknowledged write is back when this returns.
+    """
+    return Database(Path(path), config or Config(), clock or SystemClock())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(path)
+    fsync_dir(path.parent)
+
+
+class Database:
+    """An open data directory and its collections. Thread-safe. Use as a context manager."""
+
+    def __init__(self, path: Path, config: Config, clock: Clock) -> None:
+        self.path = path
+        self.config = config
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._closed = False
+        path.mkdir(parents=True, exist_ok=True)
+        self._lock_file = (path / "LOCK").open("a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise InvalidState(
+                f"data directory {path} is in use by another process; stop it or use another"
+                " directory"
+            ) from None
+        self._lock_file.truncate(0)
+        self._lock_file.write(f"{os.getpid()}\n")
+        self._lock_file.flush()
+        self._collections: dict[str, Collection] = {}
+        root = path / "collections"
+        root.mkdir(exist_ok=True)
+        try:
+            for entry in sorted(root.iterdir()):
+                if entry.name.startswith(".") or not (entry / "config.json").exists():
+                    continue
+                coll_config = from_json((entry / "config.json").read_bytes(), CollectionConfig)
+                self._collections[coll_config.name] = Collection(self, coll_config, entry)
+        except BaseException:
+            self._close_all()
+            raise
+        self._maintainer: Maintainer | None = None
+        if config.background:
+            self._maintainer = Maintainer(self._all_shards, config)
+            self._maintainer.start()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop background work, sync every WAL and release the directory. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._maintainer is not None:
+            self._maintainer.stop()
+        self._close_all()
+
+    def _close_all(self) -> None:
+        for coll in self._collections.values():
+            coll._close()
+        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        self._lock_file.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidState(f"database {self.path} is closed; open it again")
+
+    def _all_shards(self) -> list[Shard]:
+        with self._lock:
+            return [s for c in self._collections.values() for s in c._shards]
+
+    def maintain(self) -> None:
+        """Run background work (indexing, TTL sweeps, snapshots) to completion, now.
+
+        The background thread does this on its own; call it when ``Config(background=False)``
+        or to make sure every fresh write is in the graph before measuring.
+        """
+        self._check_open()
+        for shard in self._all_shards():
+            while shard.maintain():
+                pass
+
+    # -- collections ---------------------------------------------------------------------------
+
+    def create_collection(
+        self,
+        name: str,
+        dim: int,
+        metric: Metric | str = Metric.COSINE,
+        shards: int = 1,
+        *,
+        ttl_s: float | None = None,
+        capacity_items: int | None = None,
+        capacity_bytes: int | None = None,
+        namespace_capacity_items: int | None = None,
+        eviction: Eviction | str = Eviction.NONE,
+        durability: Durability | str | None = None,
+    ) -> Collection:
+        """Create a collection of ``dim``-dimensional vectors; CollectionExists if it exists.
+
+        ``shards`` spreads memories over that many shards (by hash of namespace and key).
+        ``capacity_items``/``capacity_bytes``/``namespace_capacity_items`` bound its size, with
+        ``eviction`` saying what a full collection does ("none" rejects writes). ``ttl_s`` is the
+        default time to live of memories written without their own.
+        """
+        self._check_open()
+        coll_config = self._make_config(
+            name=name,
+            dim=dim,
+            metric=metric,
+            shards=shards,
+            ttl_s=ttl_s,
+            capacity_items=capacity_items,
+            capacity_bytes=capacity_bytes,
+            namespace_capacity_items=namespace_capacity_items,
+            eviction=eviction,
+            durability=durability,
+        )
+        with self._lock:
+            if name in self._collections:
+                raise CollectionExists(f"collection {name!r} exists already; use db.collection()")
+            if len(self._collections) >= self.config.collections_max:
+                raise InvalidArgument(
+                    f"this database holds {self.config.collections_max} collections, the limit"
+                )
+            where = self.path / "collections" / name
+            if where.exists():
+                shutil.rmtree(where)
+            where.mkdir(parents=True)
+            _write_atomic(where / "config.json", to_json(coll_config))
+            fsync_dir(where.parent)
+            coll = Collection(self, coll_config, where)
+            self._collections[name] = coll
+            return coll
+
+    def _make_config(self, **fields: Any) -> CollectionConfig:
+        validation.collection_name(fields["name"])
+        dim = fields["dim"]
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= self.config.dim_max:
+            raise InvalidArgument(f"dim must be an int in [1, {self.config.dim_max}], got {dim!r}")
+        shards = fields["shards"]
+        if (
+            isinstance(shards, bool)
+            or not isinstance(shards, int)
+            or not 1 <= shards <= self.config.shards_max
+        ):
+            raise InvalidArgument(
+                f"shards must be an int in [1, {self.config.shards_max}], got {shards!r}"
+            )
+        for limit in ("capacity_items", "capacity_bytes", "namespace_capacity_items"):
+            value = fields[limit]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidArgument(f"{limit} must be a positive int or None, got {value!r}")
+        fields["ttl_s"] = validation.ttl(fields["ttl_s"])
+        try:
+            config: CollectionConfig = msgspec.convert(fields, CollectionConfig)
+        except msgspec.ValidationError as exc:
+            raise InvalidArgument(f"collection config: {exc}") from None
+        return config
+
+    def collection(self, name: str) -> Collection:
+        """The existing collection ``name``; CollectionNotFound if there is none."""
+        self._check_open()
+        with self._lock:
+            coll = self._collections.get(name)
+        if coll is None:
+            raise CollectionNotFound(
+                f"no collection named {name!r}; db.list_collections() lists them, "
+                "db.create_collection() makes one"
+            )
+        return coll
+
+    def list_collections(self) -> list[str]:
+        """Names of every collection, sorted."""
+        self._check_open()
+        with self._lock:
+            return sorted(self._collections)
+
+    def drop_collection(self, name: str) -> None:
+        """Delete collection ``name`` and all its data; CollectionNotFound if there is none."""
+        self._check_open()
+        with self._lock:
+            coll = self._collections.pop(name, None)
+            if coll is None:
+                raise CollectionNotFound(f"no collection named {name!r} to drop")
+        coll._close()
+        graveyard = coll.path.with_name(f".dropped-{name}-{os.getpid()}-{id(coll)}")
+        coll.path.rename(graveyard)
+        fsync_dir(graveyard.parent)
+        shutil.rmtree(graveyard, ignore_errors=True)
+
+
+def _encode_cursor(after: tuple[tuple[str, ...], str]) -> str:
+    return base64.urlsafe_b64encode(msgspec.msgpack.encode(after)).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[tuple[str, ...], str]:
+    try:
+        ns, key = msgspec.msgpack.decode(
+            base64.urlsafe_b64decode(cursor.encode()), type=tuple[tuple[str, ...], str]
+        )
+    except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
+        raise InvalidArgument(
+            "cursor is not valid: pass the next_cursor of a previous page unchanged"
+        ) from None
+    return ns, key
+
+
+class Collection:
+    """A named set of memories. Get one from ``db.create_collection()`` or ``db.collection()``."""
+
+    def __init__(self, db: Database, config: CollectionConfig, path: Path) -> None:
+        self._db = db
+        self.config = config
+        self.path = path
+        self._shards: list[Shard] = []
+        try:
+            for i in range(config.shards):
+                where = path / f"shard-{i:04d}"
+                wal = FileWal.open(where / "wal", db.config)
+                self._shards.append(
+                    Shard.open(
+                        config,
+                        db.config,
+                        wal,
+                        db._clock,
+                        snapshots=SnapshotStore(where / "snapshots"),
+                        name=f"{config.name}/shard-{i:04d}",
+                    )
+                )
+        except BaseException:
+            self._close()
+            raise
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def _close(self) -> None:
+        for shard in self._shards:
+            shard.close()
+
+    def _shard(self, namespace: tuple[str, ...], key: str) -> Shard:
+        return self._shards[shard_of(namespace, key, len(self._shards))]
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def _prepare(self, memories: Sequence[Memory]) -> list[PreparedPut]:
+        cfg = self._db.config
+        matrix = validation.vectors([m.vector for m in memories], self.config.dim, self.config.metric)
+        prepared: list[PreparedPut] = []
+        seen: dict[tuple[tuple[str, ...], str], int] = {}
+        for i, m in enumerate(memories):
+            namespace = validation.namespace(m.namespace, cfg)
+            key = validation.key(m.key, cfg)
+            if (namespace, key) in seen:
+                raise InvalidArgument(
+                    f"memories {seen[(namespace, key)]} and {i} have the same namespace and key"
+                    f" {namespace}/{key!r}; a batch writes each memory once"
+                )
+            seen[(namespace, key)] = i
+            prepared.append(
+                PreparedPut(
+                    namespace=namespace,
+                    key=key,
+                    text=validation.text(m.text, cfg),
+                    vector=matrix[i],
+                    metadata=validation.metadata(m.metadata, cfg),
+                    ttl_s=validation.ttl(m.ttl_s),
+                    if_version=validation.if_version(m.if_version),
+                )
+            )
+        return prepared
+
+    def put(
+        self,
+        namespace: Namespace,
+        key: str,
+        text: str | None = None,
+        vector: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+        ttl_s: float | None = None,
+        if_version: int | None = None,
+    ) -> int:
+        """Insert or replace the memory at (namespace, key); returns its new version.
+
+        ``if_version=0`` writes only if the memory is absent, ``if_version=N`` only if its
+        version is N (else VersionConflict). ``ttl_s`` makes it expire (default: the
+        collection's ``ttl_s``). Acknowledged after fsync unless the collection's durability
+        says otherwise.
+        """
+        memory = Memory(
+            namespace=tuple(namespace) if isinstance(namespace, list | tuple) else namespace,
+            key=key,
+            text=text,
+            vector=vector,
+            metadata=cast(dict[str, Any], {} if metadata is None else metadata),
+            ttl_s=ttl_s,
+            if_version=if_version,
+        )
+        return self.put_many([memory])[0]
+
+    def put_many(
+        self, memories: Sequence[Memory], idempotency_key: str | None = None
+    ) -> list[int]:
+        """Write a batch; returns the versions in input order.
+
+        The whole batch is validated and checked (versions, capacity) on every shard before
+        anything is written: a rejected batch writes nothing. Retrying with the same
+        ``idempotency_key`` returns the first call's versions without writing twice.
+        """
+        self._db._check_open()
+        cfg = self._db.config
+        if len(memories) > cfg.batch_items_max:
+            raise PayloadTooLarge(
+                f"batch has {len(memories)} memories; the limit is {cfg.batch_items_max}:"
+                " split it"
+            )
+        if not memories:
+            return []
+        if idempotency_key is not None:
+            validation.key(idempotency_key, cfg)
+        prepared = self._prepare(memories)
+        by_shard: dict[int, list[int]] = {}
+        for i, p in enumerate(prepared):
+            by_shard.setdefault(shard_of(p.namespace, p.key, len(self._shards)), []).append(i)
+        versions = [0] * len(prepared)
+        tokens: list[tuple[Shard, int]] = []
+        with ExitStack() as stack:
+            plans = []
+            for shard_no in sorted(by_shard):
+                shard = self._shards[shard_no]
+                stack.enter_context(shard.lock)
+                positions = by_shard[shard_no]
+                plan = shard.plan_put([prepared[i] for i in positions], idempotency_key)
+                plans.append((shard, positions, plan))
+            for shard, positions, plan in plans:
+                if isinstance(plan, list):
+                    got = plan
+                else:
+                    token, got = shard.write_planned(plan)
+                    tokens.append((shard, token))
+                for i, version in zip(positions, got, strict=True):
+                    versions[i] = version
+        for shard, token in tokens:
+            shard.commit(token)
+        return versions
+
+    def delete(self, namespace: Namespace, key: str) -> bool:
+        """Delete the memory at (namespace, key); True if it existed."""
+        self._db._check_open()
+        cfg = self._db.config
+        ns = validation.namespace(namespace, cfg)
+        k = validation.key(key, cfg)
+        return self._shard(ns, k).delete(ns, k)
+
+    def delete_where(
+        self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None
+    ) -> int:
+        """Delete every memory under the namespace prefix matching the filter; returns how many.
+
+        With neither argument it empties the collection.
+        """
+        prefix, flt = self._scope(namespace, filter)
+        return sum(shard.delete_where(prefix, flt) for shard in self._shards)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _scope(
+        self, namespace: Namespace | None, filter: Mapping[str, Any] | None
+    ) -> tuple[tuple[str, ...], Filter]:
+        self._db._check_open()
+        prefix = validation.namespace(namespace, self._db.config, allow_empty=True)
+        return prefix, compile_filter(filter)
+
+    def get(self, namespace: Namespace, key: str) -> Memory | None:
+        """The memory at (namespace, key) with its vector, or None if absent or expired."""
+        self._db._check_open()
+        cfg = self._db.config
+        ns = validation.namespace(namespace, cfg)
+        k = validation.key(key, cfg)
+        return self._shard(ns, k).get(ns, k)
+
+    def search(
+        self,
+        vector: Any,
+        k: int = 10,
+        namespace: Namespace | None = None,
+        filter: Mapping[str, Any] | None = None,
+        include_vectors: bool = False,
+    ) -> list[Hit]:
+        """The ``k`` memories most similar to ``vector``, best first.
+
+        ``namespace`` restricts the search to a namespace prefix (``("team-a",)`` covers
+        ``("team-a", "agent-7")``); ``filter`` is a metadata filter such as
+        ``{"speaker": "Alice", "session": {"$gte": 3}}``, which may also bound
+        ``$created_at``/``$updated_at``. Scores are higher-is-better (see Metric).
+        """
+        cfg = self._db.config
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cfg.search_k_max:
+            raise InvalidArgument(f"k must be an int in [1, {cfg.search_k_max}], got {k!r}")
+        prefix, flt = self._scope(namespace, filter)
+        query = validation.query_vector(vector, self.config.dim, self.config.metric)
+        hits: list[Hit] = []
+        for shard in self._shards:
+            hits.extend(shard.search(query, k, prefix, flt, include_vectors))
+        if len(self._shards) > 1:
+            hits.sort(key=lambda h: (-h.score, h.memory.namespace, h.memory.key))
+        return hits[:k]
+
+    def count(
+        self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None
+    ) -> int:
+        """How many live memories are under the namespace prefix and match the filter."""
+        prefix, flt = self._scope(namespace, filter)
+        return sum(shard.count(prefix, flt) for shard in self._shards)
+
+    def list(
+        self,
+        namespace: Namespace | None = None,
+        filter: Mapping[str, Any] | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        """One page of memories in (namespace, key) order, without vectors.
+
+        Pass ``page.next_cursor`` back as ``cursor`` for the next page; it is None on the last.
+        """
+        cfg = self._db.config
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= cfg.list_limit_max:
+            raise InvalidArgument(f"limit must be an int in [1, {cfg.list_limit_max}], got {limit!r}")
+        prefix, flt = self._scope(namespace, filter)
+        after = None if cursor is None else _decode_cursor(cursor)
+        items: list[Memory] = []
+        for shard in self._shards:
+            items.extend(shard.list(prefix, flt, after, limit + 1))
+        items.sort(key=lambda m: (m.namespace, m.key))
+        more = len(items) > limit
+        items = items[:limit]
+        next_cursor = _encode_cursor((items[-1].namespace, items[-1].key)) if more else None
+        return Page(items=items, next_cursor=next_cursor)
+
+    def iter(
+        self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None
+    ) -> Iterator[Memory]:
+        """Every matching memory, page by page."""
+        cursor: str | None = None
+        while True:
+            page = self.list(namespace, filter, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def describe(self) -> CollectionInfo:
+        """The collection's config and its current size."""
+        self._db._check_open()
+        stats = [shard.stats() for shard in self._shards]
+        return CollectionInfo(
+            config=self.config,
+            stats=CollectionStats(
+                items=sum(s["items"] for s in stats),
+                bytes=sum(s["bytes"] for s in stats),
+                indexed_items=sum(s["indexed_items"] for s in stats),
+                last_seq=[s["last_seq"] for s in stats],
+            ),
+        )
