@@ -57,6 +57,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     """How many snapshots to keep on disk (the newest ones)."""
 
     # -- vector index --------------------------------------------------------------------------
+    graph: bool = True
+    """Use the hnswlib graph. False swaps in its exact in-memory twin (same code paths, exact
+    answers): for deterministic tests, or tiny collections."""
     hnsw_m: int = 16
     """hnswlib M: graph degree. Higher = better recall, more memory."""
     hnsw_ef_construction: int = 100

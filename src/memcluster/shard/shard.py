@@ -919,12 +919,11 @@ class Shard:
         *,
         snapshots: SnapshotStore | None,
         name: str = "shard",
-        use_graph: bool = True,
     ) -> Shard:
         """Recover a shard: the newest valid snapshot, then every WAL record after it."""
 
         def new_index(path: Path | None = None, capacity: int = 1024) -> VectorIndex:
-            if not use_graph:
+            if not config.graph:
                 from memcluster.index.vector import ExactIndex
 
                 return ExactIndex(coll.dim, coll.metric)
@@ -944,7 +943,7 @@ class Shard:
             where = snapshots.path(manifest.seq)
             state = msgspec.msgpack.decode((where / "state.bin").read_bytes(), type=ShardState)
             shard._load_state(state)
-            if use_graph and "graph.hnsw" in manifest.files:
+            if config.graph and "graph.hnsw" in manifest.files:
                 shard._index = new_index(where / "graph.hnsw", max(state.n, 1))
             else:
                 shard._in_buffer[: shard._n] = shard._alive[: shard._n]
