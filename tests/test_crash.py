@@ -8,7 +8,6 @@ seeded random moment, reopens the directory and checks every printed key and its
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -25,12 +24,20 @@ from memcluster.core.config import Config
 CHILD = r"""
 import sys, numpy as np, memcluster
 db = memcluster.open(sys.argv[1])
-coll = db.create_collection("m", dim=16, shards=2) if "m" not in db.list_collections() else db.collection("m")
+if "m" in db.list_collections():
+    coll = db.collection("m")
+else:
+    coll = db.create_collection("m", dim=16, shards=2)
 i = int(sys.argv[2])
 while True:
     if i % 3 == 0:
         keys = [f"k{i + j}" for j in range(5)]
-        coll.put_many([memcluster.Memory(namespace=("ns",), key=k, vector=np.arange(16.0) + int(k[1:]) + 1, metadata={"i": i}) for k in keys])
+        coll.put_many([
+            memcluster.Memory(
+                namespace=("ns",), key=k, vector=np.arange(16.0) + int(k[1:]) + 1, metadata={"i": i}
+            )
+            for k in keys
+        ])
         i += 5
     else:
         keys = [f"k{i}"]

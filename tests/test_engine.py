@@ -53,7 +53,8 @@ def test_update_raises_version_keeps_created_at(
     clock.advance(5)
     v2 = coll.put(NS, "m1", vector=vec(0, 1), text="new")
     second = coll.get(NS, "m1")
-    assert first is not None and second is not None
+    assert first is not None
+    assert second is not None
     assert v2 > v1
     assert second.created_at == first.created_at
     assert second.updated_at == first.updated_at + 5
@@ -66,7 +67,8 @@ def test_if_version_zero_writes_only_when_absent(db: memcluster.Database) -> Non
         coll.put(NS, "m1", vector=vec(0, 1), if_version=0)
     assert (info.value.expected, info.value.actual) == (0, v1)
     got = coll.get(NS, "m1")
-    assert got is not None and got.version == v1
+    assert got is not None
+    assert got.version == v1
 
 
 def test_if_version_matching_writes_and_stale_is_rejected(db: memcluster.Database) -> None:
@@ -154,9 +156,7 @@ def test_memory_expires_after_its_ttl(db: memcluster.Database, clock: ManualCloc
     assert [h.memory.key for h in coll.search(vector=vec(1, 0), k=5)] == ["long"]
 
 
-def test_expiries_are_logged_as_deletes(
-    tmp_path: Path, config: Config, clock: ManualClock
-) -> None:
+def test_expiries_are_logged_as_deletes(tmp_path: Path, config: Config, clock: ManualClock) -> None:
     with memcluster.open(tmp_path, config, clock=clock) as db:
         coll = db.create_collection("m", dim=2, ttl_s=5)
         coll.put(NS, "a", vector=vec(1, 0))
@@ -387,7 +387,7 @@ def test_list_pages_through_everything_in_order(db: memcluster.Database) -> None
     coll.put_many(
         [Memory(namespace=(f"ns{i % 3}",), key=f"k{i:03d}", vector=vec(1, i)) for i in range(50)]
     )
-    seen = []
+    seen: list[tuple[tuple[str, ...], str]] = []
     cursor = None
     while True:
         page = coll.list(limit=7, cursor=cursor)
@@ -423,9 +423,11 @@ def test_collections_are_created_listed_and_dropped(db: memcluster.Database) -> 
 
 
 def test_a_second_open_of_the_same_directory_is_refused(tmp_path: Path, config: Config) -> None:
-    with memcluster.open(tmp_path, config):
-        with pytest.raises(memcluster.InvalidState, match="in use"):
-            memcluster.open(tmp_path, config)
+    with (
+        memcluster.open(tmp_path, config),
+        pytest.raises(memcluster.InvalidState, match="in use"),
+    ):
+        memcluster.open(tmp_path, config)
 
 
 def test_a_closed_database_refuses_requests(tmp_path: Path, config: Config) -> None:

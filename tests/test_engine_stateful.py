@@ -41,9 +41,9 @@ CONFIG = Config(
     wal_segment_bytes=2048,
 )
 
-vectors = st.lists(
-    st.integers(-4, 4).map(float), min_size=DIM, max_size=DIM
-).filter(lambda v: any(v))
+vectors = st.lists(st.integers(-4, 4).map(float), min_size=DIM, max_size=DIM).filter(
+    lambda v: any(v)
+)
 names = st.tuples(st.sampled_from(NAMESPACES), st.sampled_from(KEYS))
 
 
@@ -54,7 +54,9 @@ class Model:
         self.items: dict[tuple[tuple[str, ...], str], dict[str, Any]] = {}
 
     def live(self, now: float) -> dict[tuple[tuple[str, ...], str], dict[str, Any]]:
-        return {k: v for k, v in self.items.items() if v["expires_at"] is None or v["expires_at"] > now}
+        return {
+            k: v for k, v in self.items.items() if v["expires_at"] is None or v["expires_at"] > now
+        }
 
     def version(self, key: tuple[tuple[str, ...], str], now: float) -> int:
         item = self.live(now).get(key)
@@ -87,18 +89,28 @@ class EngineMachine(RuleBasedStateMachine):
         tag=st.integers(0, 3),
     )
     def put(
-        self, name: tuple[tuple[str, ...], str], vector: list[float], ttl: float | None, cond: str, tag: int
+        self,
+        name: tuple[tuple[str, ...], str],
+        vector: list[float],
+        ttl: float | None,
+        cond: str,
+        tag: int,
     ) -> None:
         now = self.clock.time()
         current = self.model.version(name, now)
         if_version = {"none": None, "absent": 0, "current": current, "stale": current + 1}[cond]
         try:
             version = self.coll.put(
-                name[0], name[1], vector=vector, metadata={"tag": tag}, ttl_s=ttl, if_version=if_version
+                name[0],
+                name[1],
+                vector=vector,
+                metadata={"tag": tag},
+                ttl_s=ttl,
+                if_version=if_version,
             )
         except memcluster.VersionConflict as exc:
             assert not self._expect(name, if_version)
-            assert exc.actual == current
+            assert exc.actual == current  # noqa: PT017
             return
         assert self._expect(name, if_version)
         assert version > current

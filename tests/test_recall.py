@@ -21,7 +21,8 @@ from memcluster.core.config import Config
 def clustered(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     centers = rng.standard_normal((50, dim)).astype(np.float32)
     data = centers[rng.integers(0, 50, n)] + 0.4 * rng.standard_normal((n, dim)).astype(np.float32)
-    return data / np.linalg.norm(data, axis=1, keepdims=True)
+    normed: np.ndarray = data / np.linalg.norm(data, axis=1, keepdims=True)
+    return normed
 
 
 @pytest.mark.slow
@@ -33,11 +34,16 @@ def test_default_search_reaches_recall_095(tmp_path: Path, seed: int) -> None:
         coll = db.create_collection("m", dim=dim, metric="cosine")
         for start in range(0, n, 5000):
             coll.put_many(
-                [Memory(namespace=("ns",), key=str(i), vector=data[i]) for i in range(start, start + 5000)]
+                [
+                    Memory(namespace=("ns",), key=str(i), vector=data[i])
+                    for i in range(start, start + 5000)
+                ]
             )
         db.maintain()
         # A few fresh writes stay in the exact buffer.
-        coll.put_many([Memory(namespace=("ns",), key=str(i), vector=data[i]) for i in range(n, n + 100)])
+        coll.put_many(
+            [Memory(namespace=("ns",), key=str(i), vector=data[i]) for i in range(n, n + 100)]
+        )
         assert coll.describe().stats.indexed_items == n
         # Queries near stored memories, as an agent's questions are near what it stored.
         near = data[rng.integers(0, n, 200)] + 0.1 * rng.standard_normal((200, dim))
@@ -57,7 +63,9 @@ LOCOMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "locomo"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (LOCOMO / "memories.all-MiniLM-L6-v2.npy").exists(), reason="no LoCoMo data")
+@pytest.mark.skipif(
+    not (LOCOMO / "memories.all-MiniLM-L6-v2.npy").exists(), reason="no LoCoMo data"
+)
 def test_graph_recall_on_real_embeddings(tmp_path: Path) -> None:
     data = np.load(LOCOMO / "memories.all-MiniLM-L6-v2.npy")
     queries = np.load(LOCOMO / "queries.all-MiniLM-L6-v2.npy")[:300]

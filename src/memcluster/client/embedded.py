@@ -71,7 +71,7 @@ log = logging.getLogger("memcluster")
 Namespace = tuple[str, ...] | Sequence[str]
 
 
-def open(  # noqa: A001 - the public name mirrors built-in open() on purpose
+def open(
     path: str | os.PathLike[str], config: Config | None = None, *, clock: Clock | None = None
 ) -> Database:
     """Open (creating if needed) the database in directory ``path``.
@@ -248,7 +248,9 @@ class Database:
             )
         for limit in ("capacity_items", "capacity_bytes", "namespace_capacity_items"):
             value = fields[limit]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
                 raise InvalidArgument(f"{limit} must be a positive int or None, got {value!r}")
         fields["ttl_s"] = validation.ttl(fields["ttl_s"])
         try:
@@ -346,7 +348,9 @@ class Collection:
 
     def _prepare(self, memories: Sequence[Memory]) -> list[PreparedPut]:
         cfg = self._db.config
-        matrix = validation.vectors([m.vector for m in memories], self.config.dim, self.config.metric)
+        matrix = validation.vectors(
+            [m.vector for m in memories], self.config.dim, self.config.metric
+        )
         prepared: list[PreparedPut] = []
         seen: dict[tuple[tuple[str, ...], str], int] = {}
         for i, m in enumerate(memories):
@@ -389,7 +393,10 @@ class Collection:
         says otherwise.
         """
         memory = Memory(
-            namespace=tuple(namespace) if isinstance(namespace, list | tuple) else namespace,
+            # Validated in put_many; a list is accepted as a tuple.
+            namespace=cast(
+                tuple[str, ...], tuple(namespace) if isinstance(namespace, list) else namespace
+            ),
             key=key,
             text=text,
             vector=vector,
@@ -399,9 +406,7 @@ class Collection:
         )
         return self.put_many([memory])[0]
 
-    def put_many(
-        self, memories: Sequence[Memory], idempotency_key: str | None = None
-    ) -> list[int]:
+    def put_many(self, memories: Sequence[Memory], idempotency_key: str | None = None) -> list[int]:
         """Write a batch; returns the versions in input order.
 
         The whole batch is validated and checked (versions, capacity) on every shard before
@@ -412,8 +417,7 @@ class Collection:
         cfg = self._db.config
         if len(memories) > cfg.batch_items_max:
             raise PayloadTooLarge(
-                f"batch has {len(memories)} memories; the limit is {cfg.batch_items_max}:"
-                " split it"
+                f"batch has {len(memories)} memories; the limit is {cfg.batch_items_max}: split it"
             )
         if not memories:
             return []
@@ -526,13 +530,19 @@ class Collection:
         Pass ``page.next_cursor`` back as ``cursor`` for the next page; it is None on the last.
         """
         cfg = self._db.config
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= cfg.list_limit_max:
-            raise InvalidArgument(f"limit must be an int in [1, {cfg.list_limit_max}], got {limit!r}")
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= cfg.list_limit_max
+        ):
+            raise InvalidArgument(
+                f"limit must be an int in [1, {cfg.list_limit_max}], got {limit!r}"
+            )
         prefix, flt = self._scope(namespace, filter)
         after = None if cursor is None else _decode_cursor(cursor)
         items: list[Memory] = []
         for shard in self._shards:
-            items.extend(shard.list(prefix, flt, after, limit + 1))
+            items.extend(shard.list_page(prefix, flt, after, limit + 1))
         items.sort(key=lambda m: (m.namespace, m.key))
         more = len(items) > limit
         items = items[:limit]

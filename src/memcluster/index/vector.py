@@ -48,10 +48,7 @@ def topk(values: Scores, k: int) -> npt.NDArray[np.intp]:
     n = values.shape[0]
     if k <= 0 or n == 0:
         return np.empty(0, dtype=np.intp)
-    if k < n:
-        part = np.argpartition(-values, k - 1)[:k]
-    else:
-        part = np.arange(n)
+    part = np.argpartition(-values, k - 1)[:k] if k < n else np.arange(n)
     order = np.lexsort((part, -values[part]))
     return part[order]
 

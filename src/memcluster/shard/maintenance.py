@@ -25,7 +25,9 @@ class Maintainer:
         self._shards = shards
         self._config = config
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="memcluster-maintenance", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="memcluster-maintenance", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()

@@ -132,7 +132,7 @@ class Shard:
         self._index = index
         self._snapshots = snapshots
         self.lock = threading.Lock()
-        """Serializes writers; readers hold it briefly. Multi-shard writers take it in shard order."""
+        """Serializes writers; readers hold it briefly. Batches take it in shard order."""
         self._seal_lock = threading.Lock()
         self._failed: str | None = None
         self._closed = False
@@ -141,7 +141,9 @@ class Shard:
         self._cap_items = None if coll.capacity_items is None else -(-coll.capacity_items // s)
         self._cap_bytes = None if coll.capacity_bytes is None else -(-coll.capacity_bytes // s)
         self._cap_ns = (
-            None if coll.namespace_capacity_items is None else -(-coll.namespace_capacity_items // s)
+            None
+            if coll.namespace_capacity_items is None
+            else -(-coll.namespace_capacity_items // s)
         )
         self.applied_seq = 0
         self._wal_bytes_at_snapshot = wal.bytes_total()
@@ -518,9 +520,7 @@ class Shard:
                 count = 0 if ns_id is None else self._ns_count.get(ns_id, 0)
                 need = count + added - self._cap_ns
                 if need > 0:
-                    in_ns = (
-                        self._ns[:n] == ns_id if ns_id is not None else np.zeros(n, dtype=bool)
-                    )
+                    in_ns = self._ns[:n] == ns_id if ns_id is not None else np.zeros(n, dtype=bool)
                     take(in_ns, need, 0, f"namespace {namespace} (limit {self._cap_ns} per shard)")
         freed_items = len(chosen)
         freed_bytes = int(self._nbytes[chosen].sum()) if chosen else 0
@@ -620,7 +620,7 @@ class Shard:
             self._check_readable()
             return int(self._match(prefix, flt, self._clock.time()).sum())
 
-    def list(
+    def list_page(
         self, prefix: tuple[str, ...], flt: Filter, after: Key | None, limit: int
     ) -> list[Memory]:
         """Up to ``limit`` matching memories in (namespace, key) order, after ``after``."""
@@ -697,7 +697,11 @@ class Shard:
                 mask = self._match(prefix, flt, now)
             return self._exact(np.flatnonzero(mask), query, k)
         selectivity = matching / max(self.live_count, 1)
-        want = k + 8 if not filtered else math.ceil(k / selectivity * self.config.hnsw_overfetch_factor)
+        want = (
+            k + 8
+            if not filtered
+            else math.ceil(k / selectivity * self.config.hnsw_overfetch_factor)
+        )
         ef = self.config.hnsw_ef_search
         while True:
             want = min(want, sealed_count)
@@ -707,7 +711,9 @@ class Shard:
             if mask is not None:
                 keep = mask[labels] & ~self._in_buffer[labels]
             else:
-                keep = self._alive[labels] & ~self._in_buffer[labels] & (self._expires[labels] > now)
+                keep = (
+                    self._alive[labels] & ~self._in_buffer[labels] & (self._expires[labels] > now)
+                )
             labels, found = labels[keep], found[keep]
             if len(labels) >= k or want >= sealed_count:
                 break
