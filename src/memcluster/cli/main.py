@@ -82,7 +82,7 @@ def demo(data: str) -> None:
             ]
         )
         console.print(f"[bold]stored[/] {len(versions)} memories in {data} (versions {versions})")
-        query = "who likes ramen food"
+        query = "who loves ramen"
         table = Table(title=f"search: {query!r}, k=3")
         for col in ("score", "namespace", "key", "text"):
             table.add_column(col)
