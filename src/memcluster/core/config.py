@@ -8,6 +8,8 @@ process-wide.
 
 from __future__ import annotations
 
+import os
+
 import msgspec
 
 from memcluster.core.types import Durability
@@ -66,12 +68,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     """hnswlib ef_construction: build-time beam width."""
     hnsw_ef_search: int = 64
     """hnswlib ef at query time (raised to k when k is larger)."""
-    hnsw_threads: int = 2
-    """Threads hnswlib may use to insert a chunk."""
+    hnsw_threads: int = max(1, (os.cpu_count() or 2) - 1)
+    """Threads hnswlib may use to insert a chunk. One core is left to the writers, so that
+    background indexing does not slow ingest down."""
     exact_items_max: int = 10_000
     """A shard with at most this many live memories is searched exactly, without the graph."""
-    exact_filter_items_max: int = 40_000
-    """A filtered search whose filter matches at most this many memories scans them exactly."""
+    exact_filter_items_max: int = 8_000
+    """A filtered search whose filter matches at most this many memories scans them exactly;
+    above it, the graph is asked for k / selectivity * ``hnsw_overfetch_factor`` candidates."""
     seal_chunk_items: int = 1_024
     """How many fresh writes one background step moves from the exact buffer into the graph."""
     hnsw_overfetch_factor: float = 2.0
