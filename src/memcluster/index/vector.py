@@ -164,7 +164,8 @@ class HnswIndex:
         if needed > self._index.get_max_elements():
             self._lock.acquire_exclusive()
             try:
-                self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
+                current = self._index.get_max_elements()
+                self._index.resize_index(max(needed, current + current // 4, 1024))
             finally:
                 self._lock.release_exclusive()
         self._lock.acquire_shared()

@@ -187,7 +187,9 @@ class Shard:
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self._cap:
             return
-        cap = max(needed, 2 * self._cap, 64)
+        # Grow by a quarter: the slack is what costs memory per item at rest, and copying
+        # the arrays a few more times during a bulk load is cheap next to indexing them.
+        cap = max(needed, self._cap + self._cap // 4, 1024)
         self._vectors = _grow(self._vectors, cap, 0.0)
         self._alive = _grow(self._alive, cap, False)
         self._version = _grow(self._version, cap, 0)
