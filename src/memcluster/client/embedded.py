@@ -30,6 +30,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
@@ -115,6 +116,10 @@ class Database:
         self._lock_file.write(f"{os.getpid()}\n")
         self._lock_file.flush()
         self._collections: dict[str, Collection] = {}
+        # Searches fan out over shards on these threads: hnswlib and numpy release the GIL.
+        self._pool = ThreadPoolExecutor(
+            max_workers=config.search_threads, thread_name_prefix="memcluster-search"
+        )
         root = path / "collections"
         root.mkdir(exist_ok=True)
         try:
@@ -155,6 +160,7 @@ class Database:
         self._close_all()
 
     def _close_all(self) -> None:
+        self._pool.shutdown(wait=True)
         for coll in self._collections.values():
             coll._close()
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
@@ -504,11 +510,14 @@ class Collection:
             raise InvalidArgument(f"k must be an int in [1, {cfg.search_k_max}], got {k!r}")
         prefix, flt = self._scope(namespace, filter)
         query = validation.query_vector(vector, self.config.dim, self.config.metric)
+        if len(self._shards) == 1:
+            return self._shards[0].search(query, k, prefix, flt, include_vectors)
         hits: list[Hit] = []
-        for shard in self._shards:
-            hits.extend(shard.search(query, k, prefix, flt, include_vectors))
-        if len(self._shards) > 1:
-            hits.sort(key=lambda h: (-h.score, h.memory.namespace, h.memory.key))
+        for found in self._db._pool.map(
+            lambda shard: shard.search(query, k, prefix, flt, include_vectors), self._shards
+        ):
+            hits.extend(found)
+        hits.sort(key=lambda h: (-h.score, h.memory.namespace, h.memory.key))
         return hits[:k]
 
     def count(

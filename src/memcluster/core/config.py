@@ -78,6 +78,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     above it, the graph is asked for k / selectivity * ``hnsw_overfetch_factor`` candidates."""
     seal_chunk_items: int = 1_024
     """How many fresh writes one background step moves from the exact buffer into the graph."""
+    search_threads: int = os.cpu_count() or 2
+    """Threads that search a collection's shards in parallel."""
     hnsw_overfetch_factor: float = 2.0
     """A filtered graph search asks for k / selectivity * this many candidates."""
 
