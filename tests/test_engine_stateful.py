@@ -221,6 +221,11 @@ class EngineMachine(RuleBasedStateMachine):
     # -- checks --------------------------------------------------------------------------------
 
     @invariant()
+    def shard_invariants_hold(self) -> None:
+        for shard in self.coll._shards:
+            shard.validate()
+
+    @invariant()
     def every_memory_matches_the_model(self) -> None:
         now = self.clock.time()
         live = self.model.live(now)

@@ -968,6 +968,34 @@ class Shard:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def validate(self) -> None:
+        """Assert every invariant of the in-memory state (tests call it after each step).
+
+        The key map and the slot columns describe the same memories; the counters equal what
+        they count; free slots are dead; buffered slots are alive.
+        """
+        with self.lock:
+            n = self._n
+            alive = self._alive[:n]
+            assert len(self._keys) == self.live_count == int(alive.sum())
+            for (namespace, key), slot in self._keys.items():
+                assert alive[slot]
+                assert self._slot_key[slot] == key
+                assert self._ns_list[self._ns[slot]] == namespace
+                assert self._version[slot] <= self.applied_seq
+            if self._free:
+                assert not alive[self._free].any()
+            assert len(set(self._free)) == len(self._free)
+            assert len(self._free) == n - self.live_count
+            assert self.live_bytes == int(self._nbytes[:n][alive].sum())
+            assert self._buffer_count == int(self._in_buffer[:n].sum())
+            assert not (self._in_buffer[:n] & ~alive).any()
+            assert self._ttl_count == int((alive & (self._expires[:n] != INF)).sum())
+            for ns_id, count in self._ns_count.items():
+                assert count == int((alive & (self._ns[:n] == ns_id)).sum())
+            assert not self._columns.occupied[:n][~alive].any()
+            assert len(self._idem) <= self.config.idempotency_keys_max
+
     def stats(self) -> Mapping[str, int]:
         with self.lock:
             n = self._n
