@@ -1,0 +1,1 @@
+"""Benchmarks of memcluster against baselines measured in the same run (``make bench``)."""
