@@ -476,3 +476,23 @@ def test_snapshot_drops_the_wal_it_covers(tmp_path: Path) -> None:
         assert after < before
     with memcluster.open(tmp_path, config) as db:
         assert db.collection("m").count() == 401
+
+
+def test_a_snapshot_drops_all_the_wal_it_covers(tmp_path: Path, config: Config) -> None:
+    with memcluster.open(tmp_path, config) as db:
+        coll = db.create_collection("m", dim=4)
+        coll.put_many(
+            [Memory(namespace=NS, key=f"k{i}", vector=vec(1, i, 0, 0)) for i in range(50)]
+        )
+        coll._shards[0].snapshot()
+        wal_dir = coll.path / "shard-0000" / "wal"
+        assert list(wal_dir.glob("*.wal")) == []
+    with memcluster.open(tmp_path, config) as db:
+        coll = db.collection("m")
+        assert coll.count() == 50
+        version = coll.put(NS, "after", vector=vec(0, 1, 0, 0))
+    with memcluster.open(tmp_path, config) as db:
+        got = db.collection("m").get(NS, "after")
+        assert got is not None
+        assert got.version == version
+        assert db.collection("m").count() == 51

@@ -276,15 +276,26 @@ def test_truncate_before_never_deletes_the_newest_segment(
     assert list(h.wal.records())[-1].seq == 41
 
 
-def test_truncate_before_after_roll_keeps_the_sealed_newest_segment(harness: Harness) -> None:
+def test_truncate_before_after_roll_drops_the_covered_sealed_segment(harness: Harness) -> None:
+    """A snapshot rolls the WAL first; then the log it covers goes away entirely."""
     for record in chain(1, 5):
         harness.wal.append(record)
     harness.wal.roll()
+    harness.wal.truncate_before(4)  # not covered: record 5 is above the snapshot
+    assert [r.seq for r in harness.wal.records()] == [1, 2, 3, 4, 5]
+    harness.wal.truncate_before(5)
+    assert list(harness.wal.records()) == []
+    harness.wal.append(put(6))
+    harness.wal.sync_all()
+    harness.reopen()
+    assert [r.seq for r in harness.wal.records()] == [6]
+
+
+def test_truncate_before_keeps_an_unsealed_newest_segment(harness: Harness) -> None:
+    for record in chain(1, 5):
+        harness.wal.append(record)
     harness.wal.truncate_before(5)
     assert [r.seq for r in harness.wal.records()] == [1, 2, 3, 4, 5]
-    harness.wal.append(put(6))
-    harness.wal.truncate_before(5)
-    assert [r.seq for r in harness.wal.records()] == [6]
 
 
 def test_record_over_the_limit_is_refused_and_the_wal_stays_usable(

@@ -61,7 +61,9 @@ Writing and durability
   before any record in it is acknowledged.
 * ``truncate_before(seq)`` unlinks the oldest segments whose records all have ``seq <= seq``,
   oldest first, then fsyncs the directory; a crash in between leaves a suffix of the log. The
-  newest segment is never deleted, so ``last_seq`` survives a reopen.
+  newest segment is deleted only when ``roll()`` sealed it (the shard rolls before each
+  snapshot, so a snapshot drops all the log it covers); a WAL left empty reopens with
+  ``last_seq`` 0 and accepts any first seq, which the shard takes from its snapshot.
 * Fail-stop: after any failed write, fsync, create or unlink, the WAL is failed and every later
   call raises ``StorageError``. An fsync that failed is never retried, because the kernel may
   have dropped the dirty pages and a second fsync could report success for lost data (the
@@ -235,7 +237,7 @@ class Wal(Protocol):
     def truncate_before(self, seq: int) -> None:
         """Delete the whole segments whose records all have ``seq <= seq`` (after a snapshot
         covering ``seq``). Records above ``seq`` are never lost; some at or below it may stay.
-        The newest segment is never deleted."""
+        The newest segment is deleted only if ``roll()`` sealed it and it is covered."""
         ...
 
     def records(self, after_seq: int = 0) -> Iterator[Record]:
@@ -693,6 +695,8 @@ class FileWal:
             n = 0
             while n + 1 < len(self._segments) and self._segments[n + 1].first_seq - 1 <= seq:
                 n += 1
+            if n + 1 == len(self._segments) and self._fd is None and self._last_seq <= seq:
+                n += 1  # the newest segment was sealed by roll() and is covered too
             doomed = self._segments[:n]
             del self._segments[:n]
             self._bytes_total -= sum(s.size for s in doomed)
@@ -898,6 +902,8 @@ class MemoryWal:
             self._check_usable()
             n = 0
             while n + 1 < len(self._segments) and self._segments[n + 1][0][1].seq - 1 <= seq:
+                n += 1
+            if n + 1 == len(self._segments) and self._sealed and self._last_seq <= seq:
                 n += 1
             del self._segments[:n]
             del self._sizes[:n]
