@@ -104,8 +104,11 @@ class ShardState(msgspec.Struct, array_like=True):
 
 
 def _grow(array: npt.NDArray[Any], capacity: int, fill: Any) -> npt.NDArray[Any]:
-    out = np.full((capacity, *array.shape[1:]), fill, dtype=array.dtype)
-    out[: array.shape[0]] = array
+    # np.empty + one copy: filling the whole new array first doubled the time writers wait.
+    out = np.empty((capacity, *array.shape[1:]), dtype=array.dtype)
+    old = array.shape[0]
+    out[:old] = array
+    out[old:] = fill
     return out
 
 
