@@ -69,8 +69,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     hnsw_ef_search: int = 64
     """hnswlib ef at query time (raised to k when k is larger)."""
     hnsw_threads: int = max(1, (os.cpu_count() or 2) - 1)
-    """Threads hnswlib may use to insert a chunk. One core is left to the writers, so that
-    background indexing does not slow ingest down."""
+    """Threads hnswlib may use to insert a chunk while writes arrive. One core is left to the
+    writers, so that background indexing does not slow ingest down."""
+    seal_idle_s: float = 0.5
+    """After this long without a write, background indexing uses every core."""
     exact_items_max: int = 10_000
     """A shard with at most this many live memories is searched exactly, without the graph."""
     exact_filter_items_max: int = 8_000

@@ -70,7 +70,9 @@ class VectorIndex(Protocol):
     ``search`` may run concurrently with them.
     """
 
-    def add(self, vectors: Matrix, labels: Labels) -> None: ...
+    def add(self, vectors: Matrix, labels: Labels, threads: int = 1) -> None:
+        """Insert or replace ``labels``, using up to ``threads`` threads."""
+        ...
 
     def mark_deleted(self, labels: Labels) -> None:
         """Hide labels; labels that are absent or already deleted are ignored."""
@@ -135,13 +137,11 @@ class HnswIndex:
         *,
         m: int,
         ef_construction: int,
-        threads: int,
         capacity: int = 1024,
         path: Path | None = None,
     ) -> None:
         """A new empty graph, or the one saved at ``path``."""
         self.metric = metric
-        self._threads = threads
         self._lock = _RWLock()
         self._index = hnswlib.Index(space=_SPACE[metric], dim=dim)
         if path is not None:
@@ -157,7 +157,7 @@ class HnswIndex:
     def __len__(self) -> int:
         return int(self._index.element_count) - len(self._deleted)
 
-    def add(self, vectors: Matrix, labels: Labels) -> None:
+    def add(self, vectors: Matrix, labels: Labels, threads: int = 1) -> None:
         if len(labels) == 0:
             return
         needed = int(labels.max()) + 1
@@ -170,7 +170,7 @@ class HnswIndex:
                 self._lock.release_exclusive()
         self._lock.acquire_shared()
         try:
-            self._index.add_items(vectors, labels, num_threads=self._threads)
+            self._index.add_items(vectors, labels, num_threads=threads)
             self._deleted.difference_update(labels.tolist())
         finally:
             self._lock.release_shared()
@@ -225,7 +225,7 @@ class ExactIndex:
     def __len__(self) -> int:
         return len(self._vectors)
 
-    def add(self, vectors: Matrix, labels: Labels) -> None:
+    def add(self, vectors: Matrix, labels: Labels, threads: int = 1) -> None:
         for row, label in zip(vectors, labels.tolist(), strict=True):
             self._vectors[label] = row.copy()
 

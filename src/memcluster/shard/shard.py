@@ -34,6 +34,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -151,6 +152,7 @@ class Shard:
         self.applied_seq = 0
         self._wal_bytes_at_snapshot = wal.bytes_total()
         self._last_batch_sync = clock.monotonic()
+        self._last_write_mono = clock.monotonic()
         self._init_arrays(0)
 
     # -- layout ----------------------------------------------------------------------------
@@ -338,6 +340,7 @@ class Shard:
 
     def _write(self, record: Record) -> int:
         """Log and apply one record; returns the WAL token. Caller holds the lock."""
+        self._last_write_mono = self._clock.monotonic()
         try:
             token = self._wal.append(record)
         except StorageError as exc:
@@ -805,7 +808,10 @@ class Shard:
                 self._index.mark_deleted(deletes)
             if len(chunk) == 0:
                 return False
-            self._index.add(vectors, chunk.astype(np.int64))
+            # While writes arrive, leave them a core; once they pause, index on every core.
+            idle = self._clock.monotonic() - self._last_write_mono > self.config.seal_idle_s
+            threads = (os.cpu_count() or 1) if idle else self.config.hnsw_threads
+            self._index.add(vectors, chunk.astype(np.int64), threads)
             with self.lock:
                 same = self._in_buffer[chunk] & (self._version[chunk] == versions)
                 self._in_buffer[chunk[same]] = False
@@ -943,7 +949,6 @@ class Shard:
                 coll.metric,
                 m=config.hnsw_m,
                 ef_construction=config.hnsw_ef_construction,
-                threads=config.hnsw_threads,
                 capacity=capacity,
                 path=path,
             )
