@@ -64,7 +64,8 @@ from memcluster.core.types import (
 from memcluster.index.filters import Filter, compile_filter
 from memcluster.shard.maintenance import Maintainer
 from memcluster.shard.shard import PreparedPut, Shard
-from memcluster.storage.snapshot import SnapshotStore, fsync_dir
+from memcluster.storage.files import fsync_path
+from memcluster.storage.snapshot import SnapshotStore
 from memcluster.storage.wal import FileWal
 
 log = logging.getLogger("memcluster")
@@ -90,7 +91,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.rename(path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 class Database:
@@ -233,7 +234,7 @@ class Database:
                 shutil.rmtree(where)
             where.mkdir(parents=True)
             _write_atomic(where / "config.json", to_json(coll_config))
-            fsync_dir(where.parent)
+            fsync_path(where.parent)
             coll = Collection(self, coll_config, where)
             self._collections[name] = coll
             return coll
@@ -293,7 +294,7 @@ class Database:
         coll._close()
         graveyard = coll.path.with_name(f".dropped-{name}-{os.getpid()}-{id(coll)}")
         coll.path.rename(graveyard)
-        fsync_dir(graveyard.parent)
+        fsync_path(graveyard.parent)
         shutil.rmtree(graveyard, ignore_errors=True)
 
 

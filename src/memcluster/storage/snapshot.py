@@ -32,6 +32,7 @@ import crc32c
 import msgspec
 
 from memcluster.core.errors import CorruptionError, StorageError
+from memcluster.storage.files import fsync_path
 
 MAGIC = b"MCSNAP01"
 _HEADER = struct.Struct("<8sIQ")
@@ -44,15 +45,6 @@ FileWriter = bytes | Callable[[Path], None]
 class Manifest(msgspec.Struct, frozen=True):
     seq: int
     files: dict[str, tuple[int, int]]
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that a create, rename or unlink inside it is durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _file_crc(path: Path) -> tuple[int, int]:
@@ -70,14 +62,6 @@ def _write_file(path: Path, content: bytes) -> None:
         f.write(content)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SnapshotStore:
@@ -111,17 +95,17 @@ class SnapshotStore:
                     entries[name] = (len(content), crc32c.crc32c(content))
                 else:
                     content(target)
-                    _fsync_file(target)
+                    fsync_path(target)
                     entries[name] = _file_crc(target)
             body = msgspec.msgpack.encode(Manifest(seq=seq, files=entries))
             _write_file(
                 tmp / "MANIFEST", _HEADER.pack(MAGIC, crc32c.crc32c(body), len(body)) + body
             )
-            fsync_dir(tmp)
+            fsync_path(tmp)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            fsync_dir(self.root)
+            fsync_path(self.root)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StorageError(f"snapshot: writing seq {seq} in {self.root} failed: {exc}") from exc
@@ -171,4 +155,4 @@ class SnapshotStore:
         seqs = self.seqs()
         for seq in seqs[: max(0, len(seqs) - keep)]:
             shutil.rmtree(self.path(seq), ignore_errors=True)
-        fsync_dir(self.root)
+        fsync_path(self.root)

@@ -145,6 +145,7 @@ from memcluster.core import codec
 from memcluster.core.codec import Record
 from memcluster.core.config import Config
 from memcluster.core.errors import CorruptionError, InvalidState, PayloadTooLarge, StorageError
+from memcluster.storage.files import fsync_path
 
 __all__ = [
     "FRAME_HEADER_BYTES",
@@ -442,18 +443,10 @@ def _write_all(fd: int, data: bytes) -> None:
         written += os.write(fd, memoryview(data)[written:])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove_segment(directory: Path, path: Path, why: str) -> None:
     try:
         path.unlink()
-        _fsync_dir(directory)
+        fsync_path(directory)
     except OSError as exc:
         raise StorageError(f"wal: cannot remove segment {path.name}: {exc}") from exc
     log.warning("wal: removed segment %s: %s", path.name, why)
@@ -593,14 +586,14 @@ class FileWal:
         try:
             if not path.is_dir():
                 path.mkdir(parents=True)
-                _fsync_dir(path.parent)
+                fsync_path(path.parent)
             segments, last_seq = _recover(path, config)
             wal = cls(path, config, segments, last_seq)
             if segments:
                 fd = os.open(segments[-1].path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
                 try:
                     os.fsync(fd)  # bytes a crashed process wrote but never synced
-                    _fsync_dir(path)
+                    fsync_path(path)
                 except BaseException:
                     os.close(fd)
                     raise
@@ -706,7 +699,7 @@ class FileWal:
         try:
             for segment in doomed:
                 segment.path.unlink()
-            _fsync_dir(self._dir)
+            fsync_path(self._dir)
         except OSError as exc:
             with self._lock:
                 raise self._fail("deletion of old segments", exc) from exc
@@ -815,7 +808,7 @@ class FileWal:
             raise self._fail(f"creation of segment {path.name}", exc) from exc
         try:
             _write_all(fd, _HEADER.pack(MAGIC, first_seq))
-            _fsync_dir(self._dir)
+            fsync_path(self._dir)
         except OSError as exc:
             os.close(fd)
             raise self._fail(f"creation of segment {path.name}", exc) from exc
