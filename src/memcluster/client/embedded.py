@@ -241,24 +241,11 @@ class Database:
 
     def _make_config(self, **fields: Any) -> CollectionConfig:
         validation.collection_name(fields["name"])
-        dim = fields["dim"]
-        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= self.config.dim_max:
-            raise InvalidArgument(f"dim must be an int in [1, {self.config.dim_max}], got {dim!r}")
-        shards = fields["shards"]
-        if (
-            isinstance(shards, bool)
-            or not isinstance(shards, int)
-            or not 1 <= shards <= self.config.shards_max
-        ):
-            raise InvalidArgument(
-                f"shards must be an int in [1, {self.config.shards_max}], got {shards!r}"
-            )
+        validation.int_in_range("dim", fields["dim"], 1, self.config.dim_max)
+        validation.int_in_range("shards", fields["shards"], 1, self.config.shards_max)
         for limit in ("capacity_items", "capacity_bytes", "namespace_capacity_items"):
-            value = fields[limit]
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise InvalidArgument(f"{limit} must be a positive int or None, got {value!r}")
+            if fields[limit] is not None:
+                validation.int_in_range(limit, fields[limit], 1, 2**63 - 1)
         fields["ttl_s"] = validation.ttl(fields["ttl_s"])
         try:
             config: CollectionConfig = msgspec.convert(fields, CollectionConfig)
@@ -348,8 +335,12 @@ class Collection:
         for shard in self._shards:
             shard.close()
 
-    def _shard(self, namespace: tuple[str, ...], key: str) -> Shard:
-        return self._shards[shard_of(namespace, key, len(self._shards))]
+    def _locate(self, namespace: Namespace, key: str) -> tuple[Shard, tuple[str, ...], str]:
+        """Validate (namespace, key) and find the shard that holds it."""
+        self._db._check_open()
+        ns = validation.namespace(namespace, self._db.config)
+        k = validation.key(key, self._db.config)
+        return self._shards[shard_of(ns, k, len(self._shards))], ns, k
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -458,11 +449,8 @@ class Collection:
 
     def delete(self, namespace: Namespace, key: str) -> bool:
         """Delete the memory at (namespace, key); True if it existed."""
-        self._db._check_open()
-        cfg = self._db.config
-        ns = validation.namespace(namespace, cfg)
-        k = validation.key(key, cfg)
-        return self._shard(ns, k).delete(ns, k)
+        shard, ns, k = self._locate(namespace, key)
+        return shard.delete(ns, k)
 
     def delete_where(
         self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None
@@ -485,11 +473,8 @@ class Collection:
 
     def get(self, namespace: Namespace, key: str) -> Memory | None:
         """The memory at (namespace, key) with its vector, or None if absent or expired."""
-        self._db._check_open()
-        cfg = self._db.config
-        ns = validation.namespace(namespace, cfg)
-        k = validation.key(key, cfg)
-        return self._shard(ns, k).get(ns, k)
+        shard, ns, k = self._locate(namespace, key)
+        return shard.get(ns, k)
 
     def search(
         self,
@@ -507,8 +492,7 @@ class Collection:
         ``$created_at``/``$updated_at``. Scores are higher-is-better (see Metric).
         """
         cfg = self._db.config
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cfg.search_k_max:
-            raise InvalidArgument(f"k must be an int in [1, {cfg.search_k_max}], got {k!r}")
+        validation.int_in_range("k", k, 1, cfg.search_k_max)
         prefix, flt = self._scope(namespace, filter)
         query = validation.query_vector(vector, self.config.dim, self.config.metric)
         if len(self._shards) == 1:
@@ -540,14 +524,7 @@ class Collection:
         Pass ``page.next_cursor`` back as ``cursor`` for the next page; it is None on the last.
         """
         cfg = self._db.config
-        if (
-            isinstance(limit, bool)
-            or not isinstance(limit, int)
-            or not 1 <= limit <= cfg.list_limit_max
-        ):
-            raise InvalidArgument(
-                f"limit must be an int in [1, {cfg.list_limit_max}], got {limit!r}"
-            )
+        validation.int_in_range("limit", limit, 1, cfg.list_limit_max)
         prefix, flt = self._scope(namespace, filter)
         after = None if cursor is None else _decode_cursor(cursor)
         items: list[Memory] = []

@@ -149,6 +149,13 @@ def metadata(value: object, config: Config) -> bytes:
     return encoded
 
 
+def int_in_range(name: str, value: object, lo: int, hi: int) -> int:
+    """An int in [lo, hi] (bools are not ints here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidArgument(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+    return value
+
+
 def ttl(value: object) -> float | None:
     """A time to live: None or a positive finite number of seconds."""
     if value is None:
