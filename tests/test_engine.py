@@ -496,3 +496,15 @@ def test_a_snapshot_drops_all_the_wal_it_covers(tmp_path: Path, config: Config) 
         assert got is not None
         assert got.version == version
         assert db.collection("m").count() == 51
+
+
+def test_metadata_paths_are_bounded_per_shard(tmp_path: Path) -> None:
+    config = Config(background=False, metadata_paths_max=5)
+    with memcluster.open(tmp_path, config) as db:
+        coll = db.create_collection("m", dim=2)
+        for i in range(5):
+            coll.put(NS, f"k{i}", vector=vec(1, 0), metadata={f"id-{i}": True})
+        with pytest.raises(memcluster.CapacityExceeded, match="metadata_paths_max=5"):
+            coll.put(NS, "k5", vector=vec(1, 0), metadata={"id-5": True})
+        coll.put(NS, "k6", vector=vec(1, 0), metadata={"id-0": False})  # known path: fine
+        assert coll.count() == 6

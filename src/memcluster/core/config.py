@@ -31,6 +31,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     """Largest memory text, UTF-8 encoded."""
     metadata_bytes_max: int = 64 << 10
     """Largest metadata object, JSON encoded."""
+    metadata_paths_max: int = 4_096
+    """Most distinct metadata paths (keys, dotted for nested objects) a shard keeps filter
+    columns for. Each costs memory per slot, so keys made of ids (UUIDs as keys) must not grow
+    them without bound: put such values in a field instead."""
     batch_items_max: int = 10_000
     """Most memories in one put_many."""
     search_k_max: int = 10_000

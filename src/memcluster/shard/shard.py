@@ -422,10 +422,25 @@ class Shard:
                     expires_at=None if ttl is None else now + ttl,
                 )
             )
+        self._check_paths(items)
         ops: list[PutOp | DeleteOp] = []
         ops.extend(self._victims(puts, now))
         ops.extend(puts)
         return Record(seq=self.applied_seq + 1, ts=now, ops=ops, idem=idem)
+
+    def _check_paths(self, items: Sequence[PreparedPut]) -> None:
+        """CapacityExceeded if the items would take the shard past ``metadata_paths_max``."""
+        new: set[str] = set()
+        for item in items:
+            if item.metadata != b"{}":
+                new.update(self._columns.new_paths(_meta_decoder.decode(item.metadata)))
+        limit = self.config.metadata_paths_max
+        if new and self._columns.path_count() + len(new) > limit:
+            raise CapacityExceeded(
+                f"{self.name}: metadata would have {self._columns.path_count() + len(new)}"
+                f" distinct keys (paths), over metadata_paths_max={limit}; use fixed key names"
+                ' and put varying names in values, e.g. {"tag": "x"} not {"x": true}'
+            )
 
     def write_planned(self, record: Record) -> tuple[int, list[int]]:
         """Log and apply a record from :meth:`plan_put`: (WAL token, versions of its puts).
