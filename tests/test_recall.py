@@ -25,6 +25,15 @@ def clustered(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     return normed
 
 
+def recall_at_10(coll: memcluster.Collection, queries: np.ndarray, data: np.ndarray) -> float:
+    """Mean fraction of the exact top 10 (keys are row numbers of ``data``) that search finds."""
+    truth = np.argsort(-(queries @ data.T), axis=1)[:, :10]
+    found = [{int(h.memory.key) for h in coll.search(vector=q, k=10)} for q in queries]
+    return float(
+        np.mean([len(f & set(t.tolist())) / 10 for f, t in zip(found, truth, strict=True)])
+    )
+
+
 @pytest.mark.slow
 def test_default_search_reaches_recall_095(tmp_path: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
@@ -48,13 +57,7 @@ def test_default_search_reaches_recall_095(tmp_path: Path, seed: int) -> None:
         # Queries near stored memories, as an agent's questions are near what it stored.
         near = data[rng.integers(0, n, 200)] + 0.1 * rng.standard_normal((200, dim))
         queries = (near / np.linalg.norm(near, axis=1, keepdims=True)).astype(np.float32)
-        truth = np.argsort(-(queries @ data.T), axis=1)[:, :10]
-        recall = np.mean(
-            [
-                len({int(h.memory.key) for h in coll.search(vector=q, k=10)} & set(t.tolist())) / 10
-                for q, t in zip(queries, truth, strict=True)
-            ]
-        )
+        recall = recall_at_10(coll, queries, data)
     print(f"recall@10 = {recall:.4f}")
     assert recall >= 0.95
 
@@ -74,12 +77,6 @@ def test_graph_recall_on_real_embeddings(tmp_path: Path) -> None:
         coll = db.create_collection("m", dim=data.shape[1], metric="cosine")
         coll.put_many([Memory(namespace=("ns",), key=str(i), vector=v) for i, v in enumerate(data)])
         db.maintain()
-        truth = np.argsort(-(queries @ data.T), axis=1)[:, :10]
-        recall = np.mean(
-            [
-                len({int(h.memory.key) for h in coll.search(vector=q, k=10)} & set(t.tolist())) / 10
-                for q, t in zip(queries, truth, strict=True)
-            ]
-        )
+        recall = recall_at_10(coll, queries, data)
     print(f"LoCoMo graph recall@10 = {recall:.4f}")
     assert recall >= 0.95
