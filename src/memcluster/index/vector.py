@@ -86,6 +86,10 @@ class VectorIndex(Protocol):
         """Labels present and not deleted."""
         ...
 
+    def vectors(self, labels: Labels) -> Matrix:
+        """The stored vectors of ``labels`` (which must be present), one row each."""
+        ...
+
     def save(self, path: Path) -> None: ...
 
 
@@ -175,6 +179,13 @@ class HnswIndex:
         finally:
             self._lock.release_shared()
 
+    def vectors(self, labels: Labels) -> Matrix:
+        self._lock.acquire_shared()
+        try:
+            return np.asarray(self._index.get_items(labels.tolist()), dtype=np.float32)
+        finally:
+            self._lock.release_shared()
+
     def mark_deleted(self, labels: Labels) -> None:
         self._lock.acquire_shared()
         try:
@@ -228,6 +239,9 @@ class ExactIndex:
     def add(self, vectors: Matrix, labels: Labels, threads: int = 1) -> None:
         for row, label in zip(vectors, labels.tolist(), strict=True):
             self._vectors[label] = row.copy()
+
+    def vectors(self, labels: Labels) -> Matrix:
+        return np.stack([self._vectors[label] for label in labels.tolist()])
 
     def mark_deleted(self, labels: Labels) -> None:
         for label in labels.tolist():
