@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
+
 import memcluster
+import memcluster.client.sync
 
 
 def test_public_names_are_pinned() -> None:
     assert sorted(memcluster.__all__) == [
         "AlreadyExists",
+        "AsyncClient",
+        "AsyncCollection",
         "CapacityExceeded",
+        "Client",
         "Collection",
         "CollectionConfig",
         "CollectionExists",
@@ -16,6 +22,7 @@ def test_public_names_are_pinned() -> None:
         "CollectionNotFound",
         "CollectionStats",
         "Config",
+        "Consistency",
         "CorruptionError",
         "Database",
         "DimensionMismatch",
@@ -37,14 +44,53 @@ def test_public_names_are_pinned() -> None:
         "Overloaded",
         "Page",
         "PayloadTooLarge",
+        "PermissionDenied",
+        "ProtocolError",
         "RequestError",
         "RetryableError",
         "ShardUnavailable",
         "StorageError",
         "Timeout",
+        "Unauthenticated",
+        "Unreachable",
         "VersionConflict",
+        "connect",
         "is_retryable",
         "open",
     ]
     for name in memcluster.__all__:
         assert hasattr(memcluster, name), name
+
+
+def _public_methods(cls: type) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(fn)
+        for name, fn in vars(cls).items()
+        if callable(fn) and not name.startswith("_")
+    }
+
+
+def test_remote_collections_have_the_embedded_signatures() -> None:
+    """Same names, parameters, defaults and return annotations on all three collection types
+    (the async one returns the same types from coroutines)."""
+    embedded = _public_methods(memcluster.Collection)
+    for cls in (memcluster.client.sync.Collection, memcluster.AsyncCollection):
+        remote = _public_methods(cls)
+        for name, sig in embedded.items():
+            assert name in remote, (cls, name)
+            assert list(remote[name].parameters.values()) == list(sig.parameters.values()), (
+                cls,
+                name,
+            )
+            if cls is not memcluster.AsyncCollection or name != "iter":
+                assert remote[name].return_annotation == sig.return_annotation, (cls, name)
+
+
+def test_clients_have_the_embedded_database_methods() -> None:
+    embedded = _public_methods(memcluster.Database)
+    shared = ["create_collection", "collection", "list_collections", "drop_collection"]
+    for cls in (memcluster.Client, memcluster.AsyncClient):
+        remote = _public_methods(cls)
+        for name in shared:
+            params = list(embedded[name].parameters.values())
+            assert list(remote[name].parameters.values()) == params, (cls, name)

@@ -1,7 +1,7 @@
 """memcluster: a distributed memory cluster for AI agents.
 
 Memories (text, embedding, JSON metadata) under (namespace, key), found by meaning in
-milliseconds. Embedded in one process today::
+milliseconds. Embedded in one process::
 
     import memcluster
     with memcluster.open("./data") as db:
@@ -9,11 +9,19 @@ milliseconds. Embedded in one process today::
         coll.put(namespace=("team-a", "agent-7"), key="m1", text="...", vector=vec)
         hits = coll.search(vector=query, k=10, namespace=("team-a",))
 
+or on a server (``memcluster serve``), with the same collection methods::
+
+    db = memcluster.connect("http://127.0.0.1:7700")   # or "mc://127.0.0.1:7701"
+    async with memcluster.AsyncClient("mc://127.0.0.1:7701") as client: ...
+
 Errors are one tree under :class:`MemclusterError`; :func:`is_retryable` says which ones a
 retry can fix.
 """
 
 from memcluster.client.embedded import Collection, Database, open
+from memcluster.client.remote import AsyncClient, AsyncCollection
+from memcluster.client.sync import Client, connect
+from memcluster.core.api import Consistency
 from memcluster.core.config import Config
 from memcluster.core.errors import (
     AlreadyExists,
@@ -34,11 +42,15 @@ from memcluster.core.errors import (
     NotLeader,
     Overloaded,
     PayloadTooLarge,
+    PermissionDenied,
+    ProtocolError,
     RequestError,
     RetryableError,
     ShardUnavailable,
     StorageError,
     Timeout,
+    Unauthenticated,
+    Unreachable,
     VersionConflict,
     is_retryable,
 )
@@ -56,7 +68,10 @@ from memcluster.core.types import (
 
 __all__ = [
     "AlreadyExists",
+    "AsyncClient",
+    "AsyncCollection",
     "CapacityExceeded",
+    "Client",
     "Collection",
     "CollectionConfig",
     "CollectionExists",
@@ -64,6 +79,7 @@ __all__ = [
     "CollectionNotFound",
     "CollectionStats",
     "Config",
+    "Consistency",
     "CorruptionError",
     "Database",
     "DimensionMismatch",
@@ -85,12 +101,17 @@ __all__ = [
     "Overloaded",
     "Page",
     "PayloadTooLarge",
+    "PermissionDenied",
+    "ProtocolError",
     "RequestError",
     "RetryableError",
     "ShardUnavailable",
     "StorageError",
     "Timeout",
+    "Unauthenticated",
+    "Unreachable",
     "VersionConflict",
+    "connect",
     "is_retryable",
     "open",
 ]

@@ -1,7 +1,9 @@
 """The ``memcluster`` command: a thin layer over the library.
 
-Commands today: ``demo`` (the embedded engine in action, what ``make up`` runs) and
-``inspect wal|snapshot PATH`` (offline dump of on-disk files).
+Commands today: ``demo`` (the embedded engine in action, what ``make up`` runs),
+``inspect wal|snapshot PATH`` (offline dump of on-disk files), ``serve`` (run a node), and
+the client commands of :mod:`memcluster.cli.data` that talk to a running node: ``status``,
+``collections [create|drop]``, ``put``, ``get``, ``search`` and ``import``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,15 @@ from rich.console import Console
 from rich.table import Table
 
 import memcluster
+from memcluster.cli.data import (
+    collections_group,
+    get_command,
+    import_command,
+    put_command,
+    search_command,
+    status_command,
+)
+from memcluster.cli.serve import serve_command
 from memcluster.core.codec import PutOp
 from memcluster.core.config import Config
 from memcluster.core.errors import MemclusterError
@@ -173,6 +184,14 @@ def inspect_snapshot(path: Path) -> None:
         live = sum(1 for key in state.keys if key is not None)
         console.print(f"seq {seq}: ok, {live} memories, dim {state.dim}; files: {files}")
 
+
+main.add_command(serve_command)
+main.add_command(status_command)
+main.add_command(collections_group)
+main.add_command(put_command)
+main.add_command(get_command)
+main.add_command(search_command)
+main.add_command(import_command)
 
 if __name__ == "__main__":
     main()

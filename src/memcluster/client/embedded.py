@@ -39,6 +39,7 @@ from typing import Any, cast
 import msgspec
 
 from memcluster.core import validation
+from memcluster.core.api import Consistency
 from memcluster.core.clock import Clock, SystemClock
 from memcluster.core.codec import from_json, to_json
 from memcluster.core.config import Config
@@ -209,7 +210,6 @@ class Database:
         ``eviction`` saying what a full collection does ("none" rejects writes). ``ttl_s`` is the
         default time to live of memories written without their own.
         """
-        self._check_open()
         coll_config = self._make_config(
             name=name,
             dim=dim,
@@ -222,6 +222,13 @@ class Database:
             eviction=eviction,
             durability=durability,
         )
+        return self.create_collection_from(coll_config)
+
+    def create_collection_from(self, config: CollectionConfig) -> Collection:
+        """Create a collection from a whole config (what a server receives); see above."""
+        self._check_open()
+        coll_config = self._make_config(**msgspec.structs.asdict(config))
+        name = coll_config.name
         with self._lock:
             if name in self._collections:
                 raise CollectionExists(f"collection {name!r} exists already; use db.collection()")
@@ -483,6 +490,7 @@ class Collection:
         namespace: Namespace | None = None,
         filter: Mapping[str, Any] | None = None,
         include_vectors: bool = False,
+        consistency: Consistency | str = Consistency.STRONG,
     ) -> list[Hit]:
         """The ``k`` memories most similar to ``vector``, best first.
 
@@ -490,9 +498,12 @@ class Collection:
         ``("team-a", "agent-7")``); ``filter`` is a metadata filter such as
         ``{"speaker": "Alice", "session": {"$gte": 3}}``, which may also bound
         ``$created_at``/``$updated_at``. Scores are higher-is-better (see Metric).
+        ``consistency`` is accepted for the same signature as the cluster's clients: one
+        process holds the only copy, so every level reads the latest write.
         """
         cfg = self._db.config
         validation.int_in_range("k", k, 1, cfg.search_k_max)
+        validation.enum_value("consistency", consistency, Consistency)
         prefix, flt = self._scope(namespace, filter)
         query = validation.query_vector(vector, self.config.dim, self.config.metric)
         if len(self._shards) == 1:

@@ -101,3 +101,17 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     # -- idempotency ---------------------------------------------------------------------------
     idempotency_keys_max: int = 100_000
     """Batch idempotency keys remembered per shard (oldest forgotten first)."""
+
+    # -- server --------------------------------------------------------------------------------
+    request_bytes_max: int = 64 << 20
+    """Largest HTTP request body and binary protocol frame (a full batch of 10,000 memories of
+    384 floats is about 40 MiB of JSON)."""
+    request_threads: int = 64
+    """Engine calls a server runs at once. Many, so that concurrent writers share an fsync."""
+    connection_in_flight_max: int = 256
+    """Requests served at once per binary connection; past it the server stops reading that
+    connection (backpressure) until one finishes."""
+    http_concurrency_max: int = 4_096
+    """HTTP requests and connections served at once; past it the server answers 503."""
+    shutdown_grace_s: float = 10.0
+    """On SIGTERM, how long in-flight requests may take to finish before connections close."""

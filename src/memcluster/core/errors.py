@@ -18,12 +18,16 @@ says whose fault an error is and whether retrying can help::
     │   │   └── CollectionExists     409
     │   ├── VersionConflict          409  if_version did not match (carries expected/actual)
     │   ├── CapacityExceeded         507  full collection with eviction "none"
-    │   └── InvalidState             409  e.g. the database is closed
+    │   ├── InvalidState             409  e.g. the database is closed
+    │   ├── Unauthenticated          401  no API key, or an unknown one
+    │   ├── PermissionDenied         403  the API key's role or namespaces do not allow it
+    │   └── ProtocolError            400  bytes on the binary protocol that are not a frame
     ├── RetryableError               the same request may succeed later
     │   ├── NotLeader                421  carries a hint: where the leader is
     │   ├── ShardUnavailable         503
     │   ├── Timeout                  504
-    │   └── Overloaded               429
+    │   ├── Overloaded               429
+    │   └── Unreachable              503  the node refused or dropped the connection
     └── FatalError                   the system is damaged; never retried
         ├── CorruptionError          500  a CRC mismatch or a gap in the log
         └── StorageError             500  a failed fsync/write: the shard stops taking writes
@@ -36,7 +40,8 @@ class in this module has a row. Messages name the subsystem and the facts, and s
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 
 class MemclusterError(Exception):
@@ -125,6 +130,18 @@ class InvalidState(RequestError):
     """The object cannot serve requests in its current state (for example, it is closed)."""
 
 
+class Unauthenticated(RequestError):
+    """The server requires an API key and the request carried none, or an unknown one."""
+
+
+class PermissionDenied(RequestError):
+    """The API key's role or namespace prefixes do not cover this request."""
+
+
+class ProtocolError(RequestError):
+    """Bytes received on the binary protocol do not form a valid frame or handshake."""
+
+
 # -- retryable ----------------------------------------------------------------------------
 
 
@@ -150,6 +167,14 @@ class Timeout(RetryableError):
 
 class Overloaded(RetryableError):
     """A bounded queue is full; back off and retry."""
+
+
+class Unreachable(RetryableError):
+    """The node could not be reached, or the connection dropped before the reply came.
+
+    A write that was sent may or may not have been applied: retry it with an idempotency key
+    (``put_many``) or a conditional version to make the retry safe.
+    """
 
 
 # -- fatal --------------------------------------------------------------------------------
@@ -192,11 +217,15 @@ ERROR_TABLE: dict[type[MemclusterError], ErrorInfo] = {
     VersionConflict: ErrorInfo(False, 409, "version_conflict"),
     CapacityExceeded: ErrorInfo(False, 507, "capacity_exceeded"),
     InvalidState: ErrorInfo(False, 409, "invalid_state"),
+    Unauthenticated: ErrorInfo(False, 401, "unauthenticated"),
+    PermissionDenied: ErrorInfo(False, 403, "permission_denied"),
+    ProtocolError: ErrorInfo(False, 400, "protocol_error"),
     RetryableError: ErrorInfo(True, 503, "retryable"),
     NotLeader: ErrorInfo(True, 421, "not_leader"),
     ShardUnavailable: ErrorInfo(True, 503, "shard_unavailable"),
     Timeout: ErrorInfo(True, 504, "timeout"),
     Overloaded: ErrorInfo(True, 429, "overloaded"),
+    Unreachable: ErrorInfo(True, 503, "unreachable"),
     FatalError: ErrorInfo(False, 500, "fatal"),
     CorruptionError: ErrorInfo(False, 500, "corruption"),
     StorageError: ErrorInfo(False, 500, "storage"),
@@ -212,3 +241,30 @@ def is_retryable(exc: BaseException) -> bool:
     if not isinstance(exc, MemclusterError):
         return False
     return ERROR_TABLE[type(exc)].retryable
+
+
+_BY_CODE: dict[str, type[MemclusterError]] = {info.code: cls for cls, info in ERROR_TABLE.items()}
+
+_DETAIL_FIELDS = ("expected", "actual", "leader_hint")
+
+
+def error_details(exc: MemclusterError) -> dict[str, Any]:
+    """The structured fields of ``exc`` (``expected``/``actual``, ``leader_hint``), for the wire."""
+    return {name: getattr(exc, name) for name in _DETAIL_FIELDS if hasattr(exc, name)}
+
+
+def error_from_wire(code: str, message: str, details: Mapping[str, Any]) -> MemclusterError:
+    """Rebuild the exception a server reported, so remote clients raise what embedded raises.
+
+    An unknown code (a newer server) becomes the nearest known base: a plain MemclusterError.
+    """
+    cls = _BY_CODE.get(code, MemclusterError)
+    if cls in (VersionConflict, DimensionMismatch):
+        try:
+            return cls(message, expected=int(details["expected"]), actual=int(details["actual"]))
+        except (KeyError, TypeError, ValueError):
+            return cls.__mro__[1](message)  # type: ignore[no-any-return]
+    if cls is NotLeader:
+        hint = details.get("leader_hint")
+        return NotLeader(message, leader_hint=hint if isinstance(hint, str) else None)
+    return cls(message)

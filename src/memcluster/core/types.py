@@ -58,7 +58,7 @@ class Sharding(enum.StrEnum):
     """Stable hash of (namespace, key)."""
 
 
-class CollectionConfig(msgspec.Struct, frozen=True, kw_only=True):
+class CollectionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything that defines a collection. Fixed at creation."""
 
     name: str
@@ -79,7 +79,7 @@ class CollectionConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Acknowledgement level; None takes the process default (``Config.durability``)."""
 
 
-class Memory(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Memory(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     """One memory: text, embedding and metadata under (namespace, key).
 
     On writes, ``ttl_s`` and ``if_version`` are options of that write (``if_version=0``:

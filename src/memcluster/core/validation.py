@@ -8,10 +8,11 @@ whole request, so a rejected batch leaves no trace.
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -28,6 +29,7 @@ from memcluster.core.errors import (
 )
 from memcluster.core.types import Metric
 
+E = TypeVar("E", bound=enum.Enum)
 Vector = npt.NDArray[np.float32]
 Matrix = npt.NDArray[np.float32]
 
@@ -154,6 +156,15 @@ def int_in_range(name: str, value: object, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise InvalidArgument(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
     return value
+
+
+def enum_value(name: str, value: object, enum_type: type[E]) -> E:
+    """``value`` as a member of ``enum_type``; InvalidArgument listing the choices otherwise."""
+    try:
+        return enum_type(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum_type)
+        raise InvalidArgument(f"{name} is {value!r}; use one of {choices}") from None
 
 
 def ttl(value: object) -> float | None:

@@ -1,0 +1,465 @@
+"""The network SDK core: :class:`AsyncClient`, over HTTP (``http://``, ``https://``) or the
+binary protocol (``mc://``, ``mcs://`` for TLS).
+
+Its collections have the same methods, arguments, results and errors as the embedded
+``memcluster.open()`` ones, as coroutines::
+
+    async with memcluster.AsyncClient("mc://127.0.0.1:7701") as client:
+        coll = await client.create_collection("memories", dim=384)
+        await coll.put(("team-a", "agent-7"), "m1", text="...", vector=vec)
+        hits = await coll.search(vec, k=10, namespace=("team-a",))
+
+The synchronous :class:`memcluster.client.sync.Client` (what ``memcluster.connect()`` returns)
+is a thin facade that runs this client on a private event loop.
+
+Both transports pool connections (HTTP keep-alive; several multiplexed binary connections),
+apply ``timeout_s`` to every request, and retry up to ``retries`` times, with exponential
+backoff, exactly the errors that :func:`memcluster.is_retryable` says may succeed later
+(unreachable node, timeout, overload). A retried write may have been applied the first time:
+``put_many(..., idempotency_key=...)`` makes the retry return the first result instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Protocol, TypeVar, cast
+from urllib.parse import quote, urlsplit
+
+import httpx
+import msgspec
+
+from memcluster.core import api, validation
+from memcluster.core.api import OPERATIONS
+from memcluster.core.config import Config
+from memcluster.core.errors import (
+    InvalidArgument,
+    MemclusterError,
+    Timeout,
+    Unreachable,
+    error_from_wire,
+    is_retryable,
+)
+from memcluster.core.types import (
+    CollectionConfig,
+    CollectionInfo,
+    Durability,
+    Eviction,
+    Hit,
+    Memory,
+    Metric,
+    Page,
+)
+from memcluster.transport.connection import Connection
+
+T = TypeVar("T")
+Namespace = tuple[str, ...] | Sequence[str]
+
+_json_encoder = msgspec.json.Encoder(enc_hook=api.json_enc_hook)
+_json_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+_error_decoder = msgspec.json.Decoder(api.ErrorBody)
+
+
+def _json_decoder(type_: type[T]) -> msgspec.json.Decoder[T]:
+    decoder = _json_decoders.get(type_)
+    if decoder is None:
+        decoder = _json_decoders[type_] = msgspec.json.Decoder(type_)
+    return decoder
+
+
+class _Transport(Protocol):
+    async def call(
+        self, kind: str, collection: str | None, body: msgspec.Struct, reply: type[T]
+    ) -> T: ...
+    async def close(self) -> None: ...
+
+
+class _HttpTransport:
+    """JSON over HTTP/1.1 with keep-alive (httpx)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        timeout_s: float,
+        verify: ssl.SSLContext,
+        pool: int,
+    ) -> None:
+        self._where = base_url
+        headers = {"content-type": "application/json"}
+        if api_key is not None:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            headers=headers,
+            timeout=timeout_s,
+            verify=verify,
+            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+        )
+
+    async def call(
+        self, kind: str, collection: str | None, body: msgspec.Struct, reply: type[T]
+    ) -> T:
+        op = OPERATIONS[kind]
+        path = op.path.format(collection=quote(collection or "", safe=""))
+        content = None if op.method in ("GET", "DELETE") else _encode(_json_encoder, body)
+        try:
+            response = await self._client.request(op.method, path, content=content)
+        except httpx.TimeoutException:
+            raise Timeout(f"http: no reply to {kind} from {self._where} in time") from None
+        except httpx.TransportError as exc:
+            raise Unreachable(
+                f"http: cannot reach {self._where} ({type(exc).__name__}: {exc});"
+                " is the server running?"
+            ) from None
+        if response.status_code >= 400:
+            try:
+                error = _error_decoder.decode(response.content)
+            except msgspec.DecodeError:
+                raise MemclusterError(
+                    f"http: {response.status_code} from {self._where} without an error body:"
+                    f" {response.text[:200]!r}"
+                ) from None
+            raise error_from_wire(error.code, error.message, error.details)
+        return _json_decoder(reply).decode(response.content)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class _BinaryTransport:
+    """The binary protocol over a few multiplexed connections, opened lazily, reopened when
+    they drop."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        api_key: str | None,
+        timeout_s: float,
+        tls: ssl.SSLContext | None,
+        pool: int,
+    ) -> None:
+        self._host, self._port = host, port
+        self._api_key = api_key
+        self._timeout_s = timeout_s
+        self._tls = tls
+        self._conns: list[Connection | None] = [None] * pool
+        self._opening: list[asyncio.Lock] = [asyncio.Lock() for _ in range(pool)]
+        self._next = 0
+
+    async def _connection(self) -> Connection:
+        i = self._next
+        self._next = (i + 1) % len(self._conns)
+        conn = self._conns[i]
+        if conn is not None and not conn.closed:
+            return conn
+        async with self._opening[i]:
+            conn = self._conns[i]
+            if conn is None or conn.closed:
+                conn = self._conns[i] = await Connection.open(
+                    self._host,
+                    self._port,
+                    api_key=self._api_key,
+                    ssl=self._tls,
+                    connect_timeout_s=self._timeout_s,
+                )
+            return conn
+
+    async def call(
+        self, kind: str, collection: str | None, body: msgspec.Struct, reply: type[T]
+    ) -> T:
+        op = OPERATIONS[kind]
+        request: msgspec.Struct = body
+        if collection is not None:
+            fields = {f: getattr(body, f) for f in body.__struct_fields__}
+            request = op.request(collection=collection, **fields)
+        conn = await self._connection()
+        return await conn.request(kind, request, reply, timeout_s=self._timeout_s)
+
+    async def close(self) -> None:
+        for conn in self._conns:
+            if conn is not None:
+                await conn.close()
+
+
+def _encode(encoder: msgspec.json.Encoder, body: msgspec.Struct) -> bytes:
+    try:
+        return encoder.encode(body)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise InvalidArgument(f"request cannot be encoded: {exc}") from None
+
+
+def _tls_context(verify: bool | str) -> ssl.SSLContext:
+    """System CAs (True), a CA file (str), or no verification at all (False)."""
+    context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+    if verify is False:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _as_namespace(value: object, *, allow_empty: bool = False) -> Any:
+    """The namespace as a tuple, after the same shape check the engine makes (so a string is
+    not split into characters); the server checks the rest."""
+    if value is None and allow_empty:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        validation.namespace(value, Config())  # raises InvalidName, as embedded
+    return tuple(cast(Sequence[str], value))
+
+
+class AsyncClient:
+    """A connection to a memcluster server. Use as ``async with``; safe for many tasks."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        retry_backoff_s: float = 0.05,
+        verify: bool | str = True,
+        pool: int = 4,
+    ) -> None:
+        """``url`` is ``http(s)://HOST:PORT`` (the HTTP API) or ``mc(s)://HOST:PORT`` (the
+        binary protocol, faster). ``verify`` is False or a CA file for self-signed TLS."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https", "mc", "mcs") or not parts.hostname:
+            raise InvalidArgument(
+                f"url {url!r} is not a memcluster address: use http://HOST:7700 or mc://HOST:7701"
+            )
+        validation.int_in_range("retries", retries, 0, 100)
+        self.url = url
+        self._retries = retries
+        self._backoff_s = retry_backoff_s
+        self._transport: _Transport
+        if parts.scheme in ("http", "https"):
+            self._transport = _HttpTransport(
+                f"{parts.scheme}://{parts.netloc}", api_key, timeout_s, _tls_context(verify), pool
+            )
+        else:
+            tls = _tls_context(verify) if parts.scheme == "mcs" else None
+            self._transport = _BinaryTransport(
+                parts.hostname, parts.port or 7701, api_key, timeout_s, tls, pool
+            )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every connection. Idempotent."""
+        await self._transport.close()
+
+    async def _call(
+        self, kind: str, collection: str | None, body: msgspec.Struct, reply: type[T]
+    ) -> T:
+        attempt = 0
+        while True:
+            try:
+                return await self._transport.call(kind, collection, body, reply)
+            except MemclusterError as exc:
+                if not is_retryable(exc) or attempt >= self._retries:
+                    raise
+            await asyncio.sleep(self._backoff_s * 2**attempt)
+            attempt += 1
+
+    async def health(self) -> api.Health:
+        """The node's liveness and readiness."""
+        return await self._call("health", None, api.Empty(), api.Health)
+
+    async def create_collection(
+        self,
+        name: str,
+        dim: int,
+        metric: Metric | str = Metric.COSINE,
+        shards: int = 1,
+        *,
+        ttl_s: float | None = None,
+        capacity_items: int | None = None,
+        capacity_bytes: int | None = None,
+        namespace_capacity_items: int | None = None,
+        eviction: Eviction | str = Eviction.NONE,
+        durability: Durability | str | None = None,
+    ) -> AsyncCollection:
+        """Create a collection; see ``memcluster.Database.create_collection``."""
+        fields = {
+            "name": name,
+            "dim": dim,
+            "metric": metric,
+            "shards": shards,
+            "ttl_s": ttl_s,
+            "capacity_items": capacity_items,
+            "capacity_bytes": capacity_bytes,
+            "namespace_capacity_items": namespace_capacity_items,
+            "eviction": eviction,
+            "durability": durability,
+        }
+        try:
+            config = msgspec.convert(fields, CollectionConfig)
+        except msgspec.ValidationError as exc:
+            raise InvalidArgument(f"collection config: {exc}") from None
+        info = await self._call("collections.create", None, config, CollectionInfo)
+        return AsyncCollection(self, info.config)
+
+    async def collection(self, name: str) -> AsyncCollection:
+        """The existing collection ``name``; CollectionNotFound if there is none."""
+        validation.collection_name(name)
+        info = await self._call("collections.describe", name, api.Empty(), CollectionInfo)
+        return AsyncCollection(self, info.config)
+
+    async def list_collections(self) -> list[str]:
+        """Names of every collection, sorted."""
+        reply = await self._call("collections.list", None, api.Empty(), api.CollectionList)
+        return reply.collections
+
+    async def drop_collection(self, name: str) -> None:
+        """Delete collection ``name`` and all its data; CollectionNotFound if there is none."""
+        validation.collection_name(name)
+        await self._call("collections.drop", name, api.Empty(), api.Empty)
+
+
+class AsyncCollection:
+    """A collection on a server; the embedded Collection's methods, as coroutines."""
+
+    def __init__(self, client: AsyncClient, config: CollectionConfig) -> None:
+        self._client = client
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    async def _call(self, kind: str, body: msgspec.Struct, reply: type[T]) -> T:
+        return await self._client._call(kind, self.config.name, body, reply)
+
+    async def put(
+        self,
+        namespace: Namespace,
+        key: str,
+        text: str | None = None,
+        vector: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+        ttl_s: float | None = None,
+        if_version: int | None = None,
+    ) -> int:
+        """Insert or replace one memory; returns its new version (see the embedded ``put``)."""
+        memory = Memory(
+            namespace=_as_namespace(namespace),
+            key=key,
+            text=text,
+            vector=vector,
+            metadata=cast(dict[str, Any], {} if metadata is None else metadata),
+            ttl_s=ttl_s,
+            if_version=if_version,
+        )
+        return (await self.put_many([memory]))[0]
+
+    async def put_many(
+        self, memories: Sequence[Memory], idempotency_key: str | None = None
+    ) -> list[int]:
+        """Write a batch atomically against rejection; returns the versions in input order."""
+        if not memories:
+            return []
+        body = api.PutBody(memories=list(memories), idempotency_key=idempotency_key)
+        return (await self._call("put", body, api.PutReply)).versions
+
+    async def get(self, namespace: Namespace, key: str) -> Memory | None:
+        """The memory at (namespace, key) with its vector, or None."""
+        body = api.KeyBody(namespace=_as_namespace(namespace), key=key)
+        memory = (await self._call("get", body, api.GetReply)).memory
+        api.vectors_to_numpy(memory)
+        return memory
+
+    async def delete(self, namespace: Namespace, key: str) -> bool:
+        """Delete the memory at (namespace, key); True if it existed."""
+        body = api.KeyBody(namespace=_as_namespace(namespace), key=key)
+        return (await self._call("delete", body, api.DeleteReply)).deleted
+
+    def _scope(
+        self, namespace: Namespace | None, filter: Mapping[str, Any] | None
+    ) -> api.ScopeBody:
+        return api.ScopeBody(
+            namespace=_as_namespace(namespace, allow_empty=True),
+            filter=None if filter is None else dict(filter),
+        )
+
+    async def delete_where(
+        self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None
+    ) -> int:
+        """Delete every matching memory; returns how many."""
+        reply = await self._call("delete_where", self._scope(namespace, filter), api.CountReply)
+        return reply.count
+
+    async def search(
+        self,
+        vector: Any,
+        k: int = 10,
+        namespace: Namespace | None = None,
+        filter: Mapping[str, Any] | None = None,
+        include_vectors: bool = False,
+        consistency: api.Consistency | str = api.Consistency.STRONG,
+    ) -> list[Hit]:
+        """The ``k`` memories most similar to ``vector``, best first."""
+        body = api.SearchBody(
+            vector=vector,
+            k=k,
+            namespace=_as_namespace(namespace, allow_empty=True),
+            filter=None if filter is None else dict(filter),
+            include_vectors=include_vectors,
+            consistency=validation.enum_value("consistency", consistency, api.Consistency),
+        )
+        hits = (await self._call("search", body, api.SearchReply)).hits
+        for hit in hits:
+            api.vectors_to_numpy(hit.memory)
+        return hits
+
+    async def count(
+        self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None
+    ) -> int:
+        """How many live memories match."""
+        return (await self._call("count", self._scope(namespace, filter), api.CountReply)).count
+
+    async def list(
+        self,
+        namespace: Namespace | None = None,
+        filter: Mapping[str, Any] | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        """One page of memories in (namespace, key) order, without vectors."""
+        body = api.ListBody(
+            namespace=_as_namespace(namespace, allow_empty=True),
+            filter=None if filter is None else dict(filter),
+            limit=limit,
+            cursor=cursor,
+        )
+        return await self._call("list", body, Page)
+
+    async def iter(
+        self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None
+    ) -> AsyncIterator[Memory]:
+        """Every matching memory, page by page."""
+        cursor: str | None = None
+        while True:
+            page = await self.list(namespace, filter, cursor=cursor)
+            for memory in page.items:
+                yield memory
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def describe(self) -> CollectionInfo:
+        """The collection's config and current size."""
+        return await self._call("collections.describe", api.Empty(), CollectionInfo)

@@ -1,0 +1,260 @@
+"""The synchronous SDK: a thin facade over :class:`memcluster.client.remote.AsyncClient`.
+
+``memcluster.connect(url)`` returns a :class:`Client`. It owns a private event loop on a
+daemon thread and runs each call of the async client there, so the network code exists once
+(no copied sync implementation) and the sync client works from any thread, including inside
+a program that runs its own event loop::
+
+    import memcluster
+    with memcluster.connect("http://127.0.0.1:7700") as db:
+        coll = db.collection("memories")
+        coll.put(("team-a", "agent-7"), "m1", text="...", vector=vec)
+        hits = coll.search(vec, k=10)
+
+The collections have the embedded ``memcluster.open()`` collections' methods, arguments,
+results and errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import uvloop
+
+from memcluster.client.remote import AsyncClient, AsyncCollection, Namespace
+from memcluster.core import api
+from memcluster.core.types import (
+    CollectionConfig,
+    CollectionInfo,
+    Durability,
+    Eviction,
+    Hit,
+    Memory,
+    Metric,
+    Page,
+)
+
+T = TypeVar("T")
+
+
+class _LoopThread:
+    """An event loop running forever on a daemon thread; ``run`` blocks on one coroutine."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="memcluster-client", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+def connect(
+    url: str,
+    *,
+    api_key: str | None = None,
+    timeout_s: float = 30.0,
+    retries: int = 3,
+    verify: bool | str = True,
+    pool: int = 4,
+) -> Client:
+    """Connect to a server: ``http://HOST:7700`` (HTTP API) or ``mc://HOST:7701`` (binary).
+
+    Nothing is sent until the first call. ``retries`` applies to retryable errors only;
+    ``verify`` is False or a CA file for self-signed TLS (``https://``, ``mcs://``).
+    """
+    return Client(
+        url, api_key=api_key, timeout_s=timeout_s, retries=retries, verify=verify, pool=pool
+    )
+
+
+class Client:
+    """A synchronous connection to a server. Thread-safe. Use as a context manager."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self._runner = _LoopThread()
+        try:
+            self._async = self._runner.run(_make_client(url, options))
+        except BaseException:
+            self._runner.close()
+            raise
+        self._closed = False
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections and stop the client's thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._runner.run(self._async.close())
+        self._runner.close()
+
+    @property
+    def url(self) -> str:
+        return self._async.url
+
+    def health(self) -> api.Health:
+        """The node's liveness and readiness."""
+        return self._runner.run(self._async.health())
+
+    def create_collection(
+        self,
+        name: str,
+        dim: int,
+        metric: Metric | str = Metric.COSINE,
+        shards: int = 1,
+        *,
+        ttl_s: float | None = None,
+        capacity_items: int | None = None,
+        capacity_bytes: int | None = None,
+        namespace_capacity_items: int | None = None,
+        eviction: Eviction | str = Eviction.NONE,
+        durability: Durability | str | None = None,
+    ) -> Collection:
+        """Create a collection; see ``memcluster.Database.create_collection``."""
+        coll = self._runner.run(
+            self._async.create_collection(
+                name,
+                dim,
+                metric,
+                shards,
+                ttl_s=ttl_s,
+                capacity_items=capacity_items,
+                capacity_bytes=capacity_bytes,
+                namespace_capacity_items=namespace_capacity_items,
+                eviction=eviction,
+                durability=durability,
+            )
+        )
+        return Collection(self._runner, coll)
+
+    def collection(self, name: str) -> Collection:
+        """The existing collection ``name``; CollectionNotFound if there is none."""
+        return Collection(self._runner, self._runner.run(self._async.collection(name)))
+
+    def list_collections(self) -> list[str]:
+        """Names of every collection, sorted."""
+        return self._runner.run(self._async.list_collections())
+
+    def drop_collection(self, name: str) -> None:
+        """Delete collection ``name`` and all its data."""
+        self._runner.run(self._async.drop_collection(name))
+
+
+async def _make_client(url: str, options: dict[str, Any]) -> AsyncClient:
+    # Built on the loop thread: its locks and connections belong to that loop.
+    return AsyncClient(url, **options)
+
+
+class Collection:
+    """A collection on a server, with the embedded Collection's methods."""
+
+    def __init__(self, runner: _LoopThread, coll: AsyncCollection) -> None:
+        self._run = runner.run
+        self._async = coll
+
+    @property
+    def name(self) -> str:
+        return self._async.name
+
+    @property
+    def config(self) -> CollectionConfig:
+        return self._async.config
+
+    def put(
+        self,
+        namespace: Namespace,
+        key: str,
+        text: str | None = None,
+        vector: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+        ttl_s: float | None = None,
+        if_version: int | None = None,
+    ) -> int:
+        """Insert or replace one memory; returns its new version."""
+        return self._run(self._async.put(namespace, key, text, vector, metadata, ttl_s, if_version))
+
+    def put_many(self, memories: Sequence[Memory], idempotency_key: str | None = None) -> list[int]:
+        """Write a batch; returns the versions in input order."""
+        return self._run(self._async.put_many(memories, idempotency_key))
+
+    def get(self, namespace: Namespace, key: str) -> Memory | None:
+        """The memory at (namespace, key) with its vector, or None."""
+        return self._run(self._async.get(namespace, key))
+
+    def delete(self, namespace: Namespace, key: str) -> bool:
+        """Delete the memory at (namespace, key); True if it existed."""
+        return self._run(self._async.delete(namespace, key))
+
+    def delete_where(
+        self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None
+    ) -> int:
+        """Delete every matching memory; returns how many."""
+        return self._run(self._async.delete_where(namespace, filter))
+
+    def search(
+        self,
+        vector: Any,
+        k: int = 10,
+        namespace: Namespace | None = None,
+        filter: Mapping[str, Any] | None = None,
+        include_vectors: bool = False,
+        consistency: api.Consistency | str = api.Consistency.STRONG,
+    ) -> list[Hit]:
+        """The ``k`` memories most similar to ``vector``, best first."""
+        return self._run(
+            self._async.search(vector, k, namespace, filter, include_vectors, consistency)
+        )
+
+    def count(
+        self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None
+    ) -> int:
+        """How many live memories match."""
+        return self._run(self._async.count(namespace, filter))
+
+    def list(
+        self,
+        namespace: Namespace | None = None,
+        filter: Mapping[str, Any] | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        """One page of memories in (namespace, key) order, without vectors."""
+        return self._run(self._async.list(namespace, filter, limit, cursor))
+
+    def iter(
+        self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None
+    ) -> Iterator[Memory]:
+        """Every matching memory, page by page."""
+        cursor: str | None = None
+        while True:
+            page = self.list(namespace, filter, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def describe(self) -> CollectionInfo:
+        """The collection's config and current size."""
+        return self._run(self._async.describe())

@@ -1,0 +1,289 @@
+"""The operations of the public interface, as msgspec Structs shared by every protocol.
+
+Each operation has a **kind** (its name on the binary protocol), a request type and a reply
+type; :data:`OPERATIONS` is the table. The HTTP API decodes the same structs from JSON bodies
+(with the collection name in the URL path instead of the body), the binary protocol decodes
+them from msgpack, and the SDK builds them, so the three cannot drift apart.
+
+Operations on one collection have a ``...Body`` type (what an HTTP request body holds) and a
+``...Call`` subclass that adds ``collection`` (what a binary request body holds).
+
+Vectors travel as JSON arrays of numbers over HTTP. Over msgpack, any numpy array is encoded
+as extension type 1 (:data:`VECTOR_EXT`): its little-endian float32 bytes. Plain lists are
+also accepted on input, so a client in another language need not know the extension.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.metadata
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from memcluster.core.types import CollectionConfig, CollectionInfo, Hit, Memory, Page
+
+VERSION = importlib.metadata.version("memcluster")
+"""memcluster's version, as installed."""
+
+VECTOR_EXT = 1
+"""msgpack extension code of a vector: little-endian float32 bytes."""
+
+
+class Consistency(enum.StrEnum):
+    """How fresh a read must be. On a single node every level reads the one copy.
+
+    In a cluster (see DESIGN.md §6): ``strong`` reads at the shard leader and reflects every
+    write acknowledged before it; ``session`` reflects the caller's own writes; ``eventual``
+    reads any replica; ``quorum`` asks a majority of replicas.
+    """
+
+    STRONG = "strong"
+    SESSION = "session"
+    EVENTUAL = "eventual"
+    QUORUM = "quorum"
+
+
+# -- encoding hooks ----------------------------------------------------------------------------
+
+
+def enc_hook(obj: Any) -> Any:
+    """msgpack: numpy arrays become float32 extension values; numpy scalars become numbers."""
+    if isinstance(obj, np.ndarray):
+        return msgspec.msgpack.Ext(VECTOR_EXT, np.ascontiguousarray(obj, dtype="<f4").tobytes())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def ext_hook(code: int, data: memoryview) -> Any:
+    """msgpack: extension type 1 becomes a (writable) float32 numpy array."""
+    if code == VECTOR_EXT:
+        if len(data) % 4:
+            raise ValueError(f"vector extension of {len(data)} bytes is not a float32 array")
+        return np.frombuffer(data, dtype="<f4").astype(np.float32)
+    raise ValueError(f"unknown msgpack extension type {code}")
+
+
+def json_enc_hook(obj: Any) -> Any:
+    """JSON: numpy arrays become lists of numbers; numpy scalars become numbers."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def vectors_to_numpy(memory: Memory | None) -> None:
+    """Turn a decoded memory's JSON vector (a list) into the float32 array embedded returns."""
+    if (
+        memory is not None
+        and memory.vector is not None
+        and not isinstance(memory.vector, np.ndarray)
+    ):
+        memory.vector = np.asarray(memory.vector, dtype=np.float32)
+
+
+# -- common ------------------------------------------------------------------------------------
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    """Every error reply: ``code`` from the error table, a message saying what to fix, and the
+    error's structured fields (``expected``/``actual`` of a version conflict, ``leader_hint``)."""
+
+    code: str
+    message: str
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Empty(msgspec.Struct, forbid_unknown_fields=True):
+    """No arguments, or nothing to return."""
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """Liveness and readiness of one node."""
+
+    status: str
+    """"ok" while the node serves requests, "stopping" during a graceful shutdown."""
+    ready: bool
+    node: str
+    version: str
+    collections: int
+
+
+class CollectionList(msgspec.Struct):
+    collections: list[str]
+
+
+class CollectionRef(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Names a collection (binary protocol bodies of describe and drop)."""
+
+    collection: str
+
+
+# -- operations on one collection --------------------------------------------------------------
+
+
+class PutBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    memories: list[Memory]
+    idempotency_key: str | None = None
+
+
+class PutCall(PutBody, kw_only=True):
+    collection: str
+
+
+class PutReply(msgspec.Struct):
+    versions: list[int]
+
+
+class KeyBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    namespace: tuple[str, ...]
+    key: str
+
+
+class KeyCall(KeyBody, kw_only=True):
+    collection: str
+
+
+class GetReply(msgspec.Struct):
+    memory: Memory | None
+
+
+class DeleteReply(msgspec.Struct):
+    deleted: bool
+
+
+class ScopeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    namespace: tuple[str, ...] | None = None
+    filter: dict[str, Any] | None = None
+
+
+class ScopeCall(ScopeBody, kw_only=True):
+    collection: str
+
+
+class CountReply(msgspec.Struct):
+    count: int
+
+
+class SearchBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    vector: Any
+    k: int = 10
+    namespace: tuple[str, ...] | None = None
+    filter: dict[str, Any] | None = None
+    include_vectors: bool = False
+    consistency: Consistency = Consistency.STRONG
+
+
+class SearchCall(SearchBody, kw_only=True):
+    collection: str
+
+
+class SearchReply(msgspec.Struct):
+    hits: list[Hit]
+
+
+class ListBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    namespace: tuple[str, ...] | None = None
+    filter: dict[str, Any] | None = None
+    limit: int = 100
+    cursor: str | None = None
+
+
+class ListCall(ListBody, kw_only=True):
+    collection: str
+
+
+class Operation(msgspec.Struct, frozen=True, kw_only=True):
+    """One row of the operation table."""
+
+    request: type[msgspec.Struct]
+    """The binary protocol body (``...Call``: with the collection name)."""
+    body: type[msgspec.Struct]
+    """The HTTP request body (``...Body``: the collection is in the path)."""
+    reply: type[msgspec.Struct]
+    method: str
+    path: str
+    """HTTP route; ``{collection}`` is the collection name."""
+    write: bool = False
+    """Changes data (needs the ``write`` role)."""
+    admin: bool = False
+    """Changes the set of collections (needs the ``admin`` role)."""
+    public: bool = False
+    """Served without an API key (health probes)."""
+
+
+_C = "/v1/collections/{collection}"
+
+OPERATIONS: dict[str, Operation] = {
+    "health": Operation(
+        request=Empty, body=Empty, reply=Health, method="GET", path="/v1/health", public=True
+    ),
+    "collections.list": Operation(
+        request=Empty, body=Empty, reply=CollectionList, method="GET", path="/v1/collections"
+    ),
+    "collections.create": Operation(
+        request=CollectionConfig,
+        body=CollectionConfig,
+        reply=CollectionInfo,
+        method="POST",
+        path="/v1/collections",
+        write=True,
+        admin=True,
+    ),
+    "collections.describe": Operation(
+        request=CollectionRef, body=Empty, reply=CollectionInfo, method="GET", path=_C
+    ),
+    "collections.drop": Operation(
+        request=CollectionRef,
+        body=Empty,
+        reply=Empty,
+        method="DELETE",
+        path=_C,
+        write=True,
+        admin=True,
+    ),
+    "put": Operation(
+        request=PutCall,
+        body=PutBody,
+        reply=PutReply,
+        method="POST",
+        path=_C + "/memories",
+        write=True,
+    ),
+    "get": Operation(
+        request=KeyCall, body=KeyBody, reply=GetReply, method="POST", path=_C + "/memories/get"
+    ),
+    "delete": Operation(
+        request=KeyCall,
+        body=KeyBody,
+        reply=DeleteReply,
+        method="POST",
+        path=_C + "/memories/delete",
+        write=True,
+    ),
+    "delete_where": Operation(
+        request=ScopeCall,
+        body=ScopeBody,
+        reply=CountReply,
+        method="POST",
+        path=_C + "/memories/delete_where",
+        write=True,
+    ),
+    "count": Operation(
+        request=ScopeCall,
+        body=ScopeBody,
+        reply=CountReply,
+        method="POST",
+        path=_C + "/memories/count",
+    ),
+    "search": Operation(
+        request=SearchCall, body=SearchBody, reply=SearchReply, method="POST", path=_C + "/search"
+    ),
+    "list": Operation(
+        request=ListCall, body=ListBody, reply=Page, method="POST", path=_C + "/memories/list"
+    ),
+}
+"""Every operation by kind: wire types, HTTP route and the role it needs."""

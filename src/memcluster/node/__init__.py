@@ -1,0 +1,1 @@
+"""The server process: HTTP API, binary protocol endpoint, lifecycle."""

@@ -1,0 +1,248 @@
+"""The HTTP/JSON API: Litestar routes over :class:`memcluster.node.service.Service`.
+
+Every route is a thin edge: Litestar decodes and validates the body into the struct that
+:data:`memcluster.core.api.OPERATIONS` names for it, the handler authenticates the caller and
+calls ``Service.run``, and errors become ``{"code", "message", "details"}`` bodies with the
+status of the error table. Routes (the OpenAPI document at ``/openapi.json``, a docs page at
+``/docs``)::
+
+    GET    /v1/health                                   liveness (no key needed)
+    GET    /v1/ready                                    200 when serving, 503 while stopping
+    GET    /v1/collections                              names
+    POST   /v1/collections                              create (body: the collection config)
+    GET    /v1/collections/{name}                       config and stats
+    DELETE /v1/collections/{name}                       drop
+    POST   /v1/collections/{name}/memories              put a batch {memories, idempotency_key}
+    POST   /v1/collections/{name}/memories/get          {namespace, key}
+    POST   /v1/collections/{name}/memories/delete       {namespace, key}
+    POST   /v1/collections/{name}/memories/delete_where {namespace, filter}
+    POST   /v1/collections/{name}/memories/count        {namespace, filter}
+    POST   /v1/collections/{name}/memories/list         {namespace, filter, limit, cursor}
+    POST   /v1/collections/{name}/search                {vector, k, namespace, filter, ...}
+
+No input can produce a 500: malformed JSON, wrong types and unknown fields are 400, an unknown
+route 404, a body over ``request_bytes_max`` 413, and the engine's own checks give their 4xx.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+import numpy as np
+from litestar import Litestar, Request, Response, delete, get, post
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import RedocRenderPlugin
+
+from memcluster.core import api
+from memcluster.core.api import OPERATIONS
+from memcluster.core.errors import ERROR_TABLE, MemclusterError, error_details
+from memcluster.core.types import CollectionConfig, CollectionInfo, Page
+from memcluster.node.service import Service
+
+log = logging.getLogger("memcluster.node")
+
+
+def _route(kind: str) -> str:
+    return OPERATIONS[kind].path.replace("{collection}", "{collection:str}")
+
+
+def _api_key(request: Request[Any, Any, Any]) -> str | None:
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else None
+    return request.headers.get("x-api-key")
+
+
+def _error_response(status: int, code: str, message: str, details: dict[str, Any]) -> Response[Any]:
+    return Response(
+        content=api.ErrorBody(code=code, message=message, details=details), status_code=status
+    )
+
+
+def _on_memcluster_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    assert isinstance(exc, MemclusterError)
+    info = ERROR_TABLE[type(exc)]
+    if info.http_status >= 500 and not info.retryable:
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+    return _error_response(info.http_status, info.code, str(exc), error_details(exc))
+
+
+_STATUS_CODES = {
+    400: "invalid_argument",
+    401: "unauthenticated",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    429: "overloaded",
+}
+
+
+def _on_http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    assert isinstance(exc, HTTPException)
+    status = exc.status_code
+    message = exc.detail
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list):
+        problems = [
+            f"{item.get('message')} at {item.get('key') or '$'}"
+            for item in exc.extra
+            if isinstance(item, dict)
+        ]
+        message = "request body is not valid: " + "; ".join(problems or [str(exc.detail)])
+    elif status == 404:
+        message = (
+            f"no route {request.method} {request.url.path}; the API is described at /docs"
+            " and /openapi.json"
+        )
+    elif status == 405:
+        message = f"{request.method} is not allowed on {request.url.path}; see /docs"
+    elif status == 413:
+        message = f"request body is too large: {exc.detail}; split the batch"
+    elif status == 400:
+        message = f"request body is not valid JSON or not the expected shape: {exc.detail}"
+    return _error_response(status, _STATUS_CODES.get(status, "bad_request"), message, {})
+
+
+def _on_bug(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.exception("bug serving %s %s", request.method, request.url.path, exc_info=exc)
+    return _error_response(
+        500,
+        "internal",
+        f"internal error: {type(exc).__name__}: {exc}; this is a bug, please report it",
+        {},
+    )
+
+
+def build_app(service: Service, *, request_bytes_max: int) -> Litestar:
+    """The Litestar application serving ``service``."""
+
+    async def call(
+        request: Request[Any, Any, Any], kind: str, collection: str | None, body: msgspec.Struct
+    ) -> Any:
+        principal = service.auth.authenticate(_api_key(request))
+        return await service.run(principal, kind, collection, body)
+
+    @get("/v1/health", summary="Liveness: the node answers (no API key needed)")
+    async def health() -> api.Health:
+        return service.health()
+
+    @get("/v1/ready", summary="Readiness: 200 while serving, 503 during shutdown")
+    async def ready() -> Response[api.Health]:
+        body = service.health()
+        return Response(body, status_code=200 if body.ready else 503)
+
+    @get(_route("collections.list"), summary="List collection names")
+    async def list_collections(request: Request[Any, Any, Any]) -> api.CollectionList:
+        result: api.CollectionList = await call(request, "collections.list", None, api.Empty())
+        return result
+
+    @post(_route("collections.create"), status_code=201, summary="Create a collection")
+    async def create_collection(
+        request: Request[Any, Any, Any], data: CollectionConfig
+    ) -> CollectionInfo:
+        result: CollectionInfo = await call(request, "collections.create", None, data)
+        return result
+
+    @get(_route("collections.describe"), summary="A collection's config and stats")
+    async def describe_collection(
+        request: Request[Any, Any, Any], collection: str
+    ) -> CollectionInfo:
+        result: CollectionInfo = await call(
+            request, "collections.describe", collection, api.Empty()
+        )
+        return result
+
+    @delete(_route("collections.drop"), status_code=200, summary="Drop a collection and its data")
+    async def drop_collection(request: Request[Any, Any, Any], collection: str) -> api.Empty:
+        result: api.Empty = await call(request, "collections.drop", collection, api.Empty())
+        return result
+
+    @post(_route("put"), status_code=200, summary="Put a batch of memories")
+    async def put(
+        request: Request[Any, Any, Any], collection: str, data: api.PutBody
+    ) -> api.PutReply:
+        result: api.PutReply = await call(request, "put", collection, data)
+        return result
+
+    @post(_route("get"), status_code=200, summary="Get one memory (null when absent)")
+    async def get_memory(
+        request: Request[Any, Any, Any], collection: str, data: api.KeyBody
+    ) -> api.GetReply:
+        result: api.GetReply = await call(request, "get", collection, data)
+        return result
+
+    @post(_route("delete"), status_code=200, summary="Delete one memory")
+    async def delete_memory(
+        request: Request[Any, Any, Any], collection: str, data: api.KeyBody
+    ) -> api.DeleteReply:
+        result: api.DeleteReply = await call(request, "delete", collection, data)
+        return result
+
+    @post(_route("delete_where"), status_code=200, summary="Delete by namespace and filter")
+    async def delete_where(
+        request: Request[Any, Any, Any], collection: str, data: api.ScopeBody
+    ) -> api.CountReply:
+        result: api.CountReply = await call(request, "delete_where", collection, data)
+        return result
+
+    @post(_route("count"), status_code=200, summary="Count by namespace and filter")
+    async def count(
+        request: Request[Any, Any, Any], collection: str, data: api.ScopeBody
+    ) -> api.CountReply:
+        result: api.CountReply = await call(request, "count", collection, data)
+        return result
+
+    @post(_route("list"), status_code=200, summary="One page of memories, in key order")
+    async def list_memories(
+        request: Request[Any, Any, Any], collection: str, data: api.ListBody
+    ) -> Page:
+        result: Page = await call(request, "list", collection, data)
+        return result
+
+    @post(_route("search"), status_code=200, summary="The k memories nearest a vector")
+    async def search(
+        request: Request[Any, Any, Any], collection: str, data: api.SearchBody
+    ) -> api.SearchReply:
+        result: api.SearchReply = await call(request, "search", collection, data)
+        return result
+
+    return Litestar(
+        route_handlers=[
+            health,
+            ready,
+            list_collections,
+            create_collection,
+            describe_collection,
+            drop_collection,
+            put,
+            get_memory,
+            delete_memory,
+            delete_where,
+            count,
+            list_memories,
+            search,
+        ],
+        exception_handlers={
+            MemclusterError: _on_memcluster_error,
+            HTTPException: _on_http_error,
+            Exception: _on_bug,
+        },
+        openapi_config=OpenAPIConfig(
+            title="memcluster",
+            version=api.VERSION,
+            description=(
+                "Memories (text, vectors, metadata) for AI agents. Errors are"
+                ' {"code", "message", "details"}; with API keys on, send'
+                " 'Authorization: Bearer KEY'."
+            ),
+            path="/",
+            render_plugins=[RedocRenderPlugin(path="/docs")],
+        ),
+        request_max_body_size=request_bytes_max,
+        type_encoders={np.ndarray: lambda a: a.tolist(), np.generic: lambda x: x.item()},
+        logging_config=None,
+    )

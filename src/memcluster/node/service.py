@@ -1,0 +1,187 @@
+"""The operations a node serves, independent of the protocol that carried them.
+
+The HTTP API and the binary protocol both decode a request into the structs of
+:mod:`memcluster.core.api` and call :meth:`Service.run` with the operation's kind, the
+collection name (from the URL path or the binary body) and the body. ``run`` checks the
+caller's rights, then runs the engine call on a thread pool: engine calls block (an fsync, a
+graph search), and hnswlib, numpy and fsync release the GIL, so several run at once and
+concurrent writers share one fsync (group commit).
+
+The store is anything with the embedded database's interface (:class:`Store`); the CLI passes
+the embedded ``Database`` it opened, so this layer does not depend on the client layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import msgspec
+
+from memcluster.core import api
+from memcluster.core.api import OPERATIONS, Operation
+from memcluster.core.errors import InvalidArgument
+from memcluster.core.types import CollectionConfig, CollectionInfo, Hit, Memory, Page
+from memcluster.node.auth import Auth, Principal
+
+log = logging.getLogger("memcluster.node")
+
+
+class StoreCollection(Protocol):
+    """The collection methods the service calls (the embedded Collection has them)."""
+
+    config: CollectionConfig
+
+    def put_many(
+        self, memories: Sequence[Memory], idempotency_key: str | None = None
+    ) -> list[int]: ...
+    def get(self, namespace: tuple[str, ...], key: str) -> Memory | None: ...
+    def delete(self, namespace: tuple[str, ...], key: str) -> bool: ...
+    def delete_where(
+        self, namespace: tuple[str, ...] | None = None, filter: Mapping[str, Any] | None = None
+    ) -> int: ...
+    def count(
+        self, namespace: tuple[str, ...] | None = None, filter: Mapping[str, Any] | None = None
+    ) -> int: ...
+    def search(
+        self,
+        vector: Any,
+        k: int = 10,
+        namespace: tuple[str, ...] | None = None,
+        filter: Mapping[str, Any] | None = None,
+        include_vectors: bool = False,
+        consistency: str = "strong",
+    ) -> list[Hit]: ...
+    def list(
+        self,
+        namespace: tuple[str, ...] | None = None,
+        filter: Mapping[str, Any] | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page: ...
+    def describe(self) -> CollectionInfo: ...
+
+
+class Store(Protocol):
+    """The database methods the service calls (the embedded Database has them)."""
+
+    def create_collection_from(self, config: CollectionConfig) -> StoreCollection: ...
+    def collection(self, name: str) -> StoreCollection: ...
+    def list_collections(self) -> list[str]: ...
+    def drop_collection(self, name: str) -> None: ...
+
+
+def _namespaces(kind: str, body: msgspec.Struct) -> Iterator[tuple[str, ...] | None]:
+    """The namespaces a request touches, for the API key check."""
+    if isinstance(body, api.PutBody):
+        for memory in body.memories:
+            yield memory.namespace
+    elif isinstance(body, api.KeyBody | api.ScopeBody | api.SearchBody | api.ListBody):
+        yield body.namespace
+
+
+class Service:
+    """Serves every operation of :data:`memcluster.core.api.OPERATIONS` on one store."""
+
+    def __init__(self, store: Store, *, node: str, auth: Auth, threads: int) -> None:
+        self.store = store
+        self.node = node
+        self.auth = auth
+        self.stopping = False
+        """Set when a graceful shutdown begins: health reports "stopping", not ready."""
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="memcluster-req")
+        self._handlers: dict[str, Callable[[str, Any], msgspec.Struct]] = {
+            "collections.create": self._create,
+            "collections.describe": lambda c, _: self.store.collection(c).describe(),
+            "collections.drop": self._drop,
+            "put": self._put,
+            "get": self._get,
+            "delete": self._delete,
+            "delete_where": self._delete_where,
+            "count": self._count,
+            "search": self._search,
+            "list": self._list,
+        }
+
+    def close(self) -> None:
+        """Wait for running engine calls, then stop the pool."""
+        self._pool.shutdown(wait=True)
+
+    def health(self) -> api.Health:
+        return api.Health(
+            status="stopping" if self.stopping else "ok",
+            ready=not self.stopping,
+            node=self.node,
+            version=api.VERSION,
+            collections=len(self.store.list_collections()),
+        )
+
+    async def run(
+        self, principal: Principal, kind: str, collection: str | None, body: msgspec.Struct
+    ) -> msgspec.Struct:
+        """Serve one request: check rights, run the engine call, return the reply struct.
+
+        Raises the engine's errors unchanged (the protocols map them to statuses and codes).
+        """
+        op: Operation | None = OPERATIONS.get(kind)
+        if op is None:
+            raise InvalidArgument(
+                f"unknown operation {kind!r}; known operations: {', '.join(OPERATIONS)}"
+            )
+        if not op.public:
+            self.auth.authorize(principal, kind, op, _namespaces(kind, body))
+        if kind == "health":
+            return self.health()
+        if kind == "collections.list":
+            return api.CollectionList(self.store.list_collections())
+        handler = self._handlers[kind]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, functools.partial(handler, collection or "", body)
+        )
+
+    # -- handlers: one engine call each ---------------------------------------------------------
+
+    def _create(self, _: str, config: CollectionConfig) -> CollectionInfo:
+        return self.store.create_collection_from(config).describe()
+
+    def _drop(self, collection: str, _: api.Empty) -> api.Empty:
+        self.store.drop_collection(collection)
+        return api.Empty()
+
+    def _put(self, collection: str, body: api.PutBody) -> api.PutReply:
+        coll = self.store.collection(collection)
+        return api.PutReply(coll.put_many(body.memories, body.idempotency_key))
+
+    def _get(self, collection: str, body: api.KeyBody) -> api.GetReply:
+        return api.GetReply(self.store.collection(collection).get(body.namespace, body.key))
+
+    def _delete(self, collection: str, body: api.KeyBody) -> api.DeleteReply:
+        return api.DeleteReply(self.store.collection(collection).delete(body.namespace, body.key))
+
+    def _delete_where(self, collection: str, body: api.ScopeBody) -> api.CountReply:
+        coll = self.store.collection(collection)
+        return api.CountReply(coll.delete_where(body.namespace, body.filter))
+
+    def _count(self, collection: str, body: api.ScopeBody) -> api.CountReply:
+        return api.CountReply(self.store.collection(collection).count(body.namespace, body.filter))
+
+    def _search(self, collection: str, body: api.SearchBody) -> api.SearchReply:
+        hits = self.store.collection(collection).search(
+            body.vector,
+            body.k,
+            body.namespace,
+            body.filter,
+            body.include_vectors,
+            body.consistency,
+        )
+        return api.SearchReply(hits)
+
+    def _list(self, collection: str, body: api.ListBody) -> Page:
+        return self.store.collection(collection).list(
+            body.namespace, body.filter, body.limit, body.cursor
+        )

@@ -1,0 +1,1 @@
+"""Binary protocol: framing, connections (client and server)."""

@@ -1,0 +1,773 @@
+"""The binary protocol over asyncio streams: a multiplexing client and a bounded server.
+
+Both ends drive the sans-IO :mod:`memcluster.transport.frames` with bytes read from the socket
+in chunks of :data:`READ_CHUNK_BYTES`. TCP_NODELAY is set on both ends: frames are written
+whole, so Nagle's algorithm would only add latency.
+
+Client: :class:`Connection`
+---------------------------
+
+::
+
+    Connection.open() ──hello/welcome──> open ──close()───────────> closed
+                                          │                            ^
+                                          └──EOF, reset, bad frame──> lost
+
+* :meth:`Connection.open` connects, sends :class:`~memcluster.transport.frames.Hello` and waits
+  for the :class:`~memcluster.transport.frames.Welcome`, all within ``connect_timeout_s``.
+  Failing to connect raises :class:`~memcluster.core.errors.Unreachable`; a refused hello
+  raises the server's error (``Unauthenticated``, ``ProtocolError``, ...).
+* :meth:`Connection.request` gives each request the next id, writes its frame, and waits on a
+  future that the connection's **reader task** completes when the reply with that id arrives.
+  Any number of requests may be in flight at once from any number of tasks: they are
+  pipelined on the one socket and their replies may come back in any order.
+* Backpressure on the client: ``request`` awaits ``drain()`` after writing, so senders slow
+  down to the pace at which the socket accepts bytes.
+* A timeout (``timeout_s``) raises :class:`~memcluster.core.errors.Timeout`; the request stays
+  sent, and its late reply is dropped when it comes.
+* The connection is **lost** when the server closes it, the socket fails, or the server sends
+  bytes that are not frames. Every request waiting then, and every later request, raises
+  :class:`~memcluster.core.errors.Unreachable`: a request already sent may or may not have
+  been applied. A lost connection is never reopened; open a new one.
+* :meth:`Connection.close` is idempotent: it fails waiting requests with ``Unreachable``,
+  cancels and awaits the reader task, and closes the socket.
+
+Server: :class:`BinaryServer`
+-----------------------------
+
+The caller binds and listens on the socket (so it can report "port in use" clearly and use
+port 0) and passes a :class:`Dispatcher`, which checks each hello and serves each request.
+Every connection goes through these states::
+
+    handshake ──welcome──> serving ──EOF, bad frame, server closing──> draining ──> closed
+        │                                                                ^
+        └──refused (error frame), EOF, no hello in time───────────────────┘
+
+* **handshake**: the first frame must be a hello, within ``handshake_timeout_s``. The server
+  picks the protocol version, asks :meth:`Dispatcher.hello` for a session (or a refusal), and
+  answers welcome, or an error frame before it closes the connection.
+* **serving**: a reader loop feeds chunks to the frame decoder and starts one task per request
+  in the connection's :class:`asyncio.TaskGroup`. Each task awaits :meth:`Dispatcher.call`,
+  encodes the reply (``"ok"``, or ``"error"`` for a :class:`MemclusterError`; any other
+  exception is a bug, logged and reported as code ``internal``), writes it and awaits
+  ``drain()``.
+* **draining**: the reader has stopped; requests in flight finish and their replies are
+  written; then the socket is closed (after at most :data:`CLOSE_FLUSH_TIMEOUT_S` for the
+  last bytes to leave).
+
+Backpressure on the server
+~~~~~~~~~~~~~~~~~~~~~~~~~~
+
+At most ``max_in_flight`` requests per connection are served at once. When that many are in
+flight, the reader loop waits for one to finish before it starts the next request and
+before it reads more bytes. So a client that floods requests and never reads the replies
+cannot grow the server's memory without bound: its replies fill the socket buffers, the
+tasks writing them wait in ``drain()`` and stay in flight, the reader stops, the kernel's
+receive buffer fills, and TCP flow control stops the client. What the server holds for one
+connection is bounded by ``max_in_flight`` requests and replies, one chunk of decoded
+frames, and the stream buffers.
+
+Errors on a connection stay on that connection: garbage bytes, an oversized frame or a bad
+envelope get a best-effort ``protocol_error`` frame (id 0) and the connection is closed. A
+client that disconnects mid-request does not disturb its requests in flight; they finish,
+and their replies, having nowhere to go, are dropped (with a debug log).
+
+Graceful shutdown
+~~~~~~~~~~~~~~~~~
+
+:meth:`BinaryServer.close` stops accepting connections, stops every connection's reader
+(requests not yet started are dropped unanswered), lets requests in flight finish and their
+replies be written for up to ``grace_s``, then cancels whatever still runs and closes every
+connection. The server owns one task per connection; each owns its request tasks; close
+awaits them all, so nothing outlives the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+from types import TracebackType
+from typing import Any, Final, Protocol, TypeVar
+
+from memcluster.core.api import ErrorBody
+from memcluster.core.errors import (
+    ERROR_TABLE,
+    InvalidArgument,
+    MemclusterError,
+    PayloadTooLarge,
+    ProtocolError,
+    Timeout,
+    Unreachable,
+    error_from_wire,
+)
+from memcluster.transport.frames import (
+    ERROR,
+    HEADER_BYTES,
+    HELLO,
+    MAX_FRAME_BYTES_DEFAULT,
+    OK,
+    PROTOCOL_VERSION,
+    WELCOME,
+    Envelope,
+    FrameDecoder,
+    Hello,
+    Welcome,
+    check_welcome,
+    choose_version,
+    decode_body,
+    encode_frame,
+    error_body,
+)
+
+T = TypeVar("T")
+
+log = logging.getLogger("memcluster.transport")
+
+READ_CHUNK_BYTES: Final = 256 << 10
+"""How much one read from a socket asks for (also the stream buffer's pause threshold)."""
+
+CLOSE_FLUSH_TIMEOUT_S: Final = 5.0
+"""How long closing a server connection waits for its last bytes to leave before aborting."""
+
+_INTERNAL_CODE: Final = ERROR_TABLE[MemclusterError].code
+
+
+def _peer_name(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _os_reason(exc: OSError) -> str:
+    """The human part of a connect error: "Connection refused", not "[Errno 111] Connect call
+    failed ('127.0.0.1', 7701)"."""
+    if isinstance(exc, ssl.SSLError | socket.gaierror):
+        return exc.strerror or str(exc)
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
+
+
+async def _close_writer(writer: asyncio.StreamWriter, name: str) -> None:
+    """Close a stream, waiting up to :data:`CLOSE_FLUSH_TIMEOUT_S` for buffered bytes to leave
+    (a peer that stopped reading could hold them forever), then aborting."""
+    writer.close()
+    try:
+        async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT_S):
+            await writer.wait_closed()
+    except TimeoutError:
+        log.debug("binary protocol: %s did not take its last bytes; aborting", name)
+        writer.transport.abort()
+    except OSError:
+        pass  # the connection had failed already: nothing left to flush
+    except asyncio.CancelledError:
+        writer.transport.abort()
+        raise
+
+
+def _set_nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# -- client ------------------------------------------------------------------------------------
+
+
+class Connection:
+    """One client connection to a binary protocol server, shared by any number of tasks.
+
+    Create it with :meth:`open`. Safe to use from many tasks of one event loop at once (not
+    from several threads or loops).
+    """
+
+    welcome: Welcome
+    """The server's welcome: the protocol version, the node's name and its frame limit."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decoder: FrameDecoder,
+        welcome: Welcome,
+        peer: str,
+    ) -> None:
+        """Internal: use :meth:`open`, which does the handshake first."""
+        self.welcome = welcome
+        self._reader = reader
+        self._writer = writer
+        self._decoder = decoder
+        self._peer = peer
+        self._loop = asyncio.get_running_loop()
+        self._pending: dict[int, asyncio.Future[Envelope | None]] = {}
+        """Futures of the requests waiting for a reply, by id. ``None`` means "lost"."""
+        self._next_id = 1
+        self._closed = False
+        self._lost_reason: str | None = None
+        self._reader_task = asyncio.create_task(
+            self._read_replies(), name=f"memcluster.transport reader for {peer}"
+        )
+
+    @classmethod
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        *,
+        api_key: str | None = None,
+        ssl: ssl.SSLContext | None = None,
+        connect_timeout_s: float = 5.0,
+        max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT,
+    ) -> Connection:
+        """Connect to ``host:port`` and do the handshake, both within ``connect_timeout_s``.
+
+        Raises :class:`Unreachable` when the connection cannot be made (refused, unknown host,
+        TLS failure, no welcome in time), the server's error when it refuses the hello (e.g.
+        :class:`~memcluster.core.errors.Unauthenticated`), and :class:`ProtocolError` when the
+        peer does not speak this protocol or chose a version this client does not speak.
+        ``max_frame_bytes`` limits the replies this client accepts.
+        """
+        peer = _peer_name(host, port)
+        try:
+            async with asyncio.timeout(connect_timeout_s):
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=ssl, limit=READ_CHUNK_BYTES
+                )
+        except TimeoutError:
+            raise Unreachable(
+                f"binary protocol: cannot connect to {peer}: no answer within "
+                f"{connect_timeout_s} s; is the server running?"
+            ) from None
+        except OSError as exc:
+            raise Unreachable(
+                f"binary protocol: cannot connect to {peer}: {_os_reason(exc)}; "
+                "is the server running?"
+            ) from exc
+        _set_nodelay(writer)
+        decoder = FrameDecoder(max_frame_bytes)
+        try:
+            async with asyncio.timeout(connect_timeout_s):
+                welcome = await _client_handshake(reader, writer, decoder, peer, api_key)
+        except BaseException as exc:
+            writer.transport.abort()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            if isinstance(exc, TimeoutError):
+                raise Unreachable(
+                    f"binary protocol: {peer} accepted the connection but sent no welcome "
+                    f"within {connect_timeout_s} s; is it a memcluster binary endpoint?"
+                ) from None
+            if isinstance(exc, OSError):
+                raise Unreachable(
+                    f"binary protocol: connection to {peer} lost during the handshake: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            raise
+        return cls(reader, writer, decoder, welcome, peer)
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection was closed or lost; every request then raises Unreachable."""
+        return self._closed
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` of the server."""
+        return self._peer
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for their reply."""
+        return len(self._pending)
+
+    async def request(
+        self, kind: str, body: Any, reply_type: type[T], *, timeout_s: float | None = None
+    ) -> T:
+        """Send one request and return its reply body, decoded as ``reply_type``.
+
+        Raises the server's error for an ``"error"`` reply (rebuilt by
+        :func:`~memcluster.core.errors.error_from_wire`, so ``VersionConflict`` keeps its
+        ``expected`` and ``actual``); :class:`Timeout` when no reply came within ``timeout_s``
+        (``None``: wait as long as the connection lives); :class:`Unreachable` when the
+        connection is or gets lost; :class:`PayloadTooLarge`, without sending anything, for a
+        frame over the server's ``max_frame_bytes``; :class:`ProtocolError` for a reply that
+        is not ``reply_type``. Cancelling the calling task abandons the request (the reply is
+        dropped when it comes).
+        """
+        if self._closed:
+            raise self._unreachable()
+        request_id = self._next_id
+        self._next_id = request_id + 1
+        frame = encode_frame(request_id, kind, body)
+        if len(frame) - HEADER_BYTES > self.welcome.max_frame_bytes:
+            raise PayloadTooLarge(
+                f"binary protocol: {kind} request of {len(frame) - HEADER_BYTES} bytes is over "
+                f"the frame limit of {self.welcome.max_frame_bytes} bytes of {self._peer}; "
+                "send smaller batches"
+            )
+        future: asyncio.Future[Envelope | None] = self._loop.create_future()
+        self._pending[request_id] = future
+        try:
+            async with asyncio.timeout(timeout_s):
+                self._writer.write(frame)
+                await self._writer.drain()
+                envelope = await future
+        except TimeoutError:
+            raise Timeout(f"binary protocol: no reply to {kind} within {timeout_s} s") from None
+        except OSError as exc:
+            raise self._unreachable(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._pending.pop(request_id, None)
+        if envelope is None:
+            raise self._unreachable()
+        if envelope.kind == OK:
+            try:
+                return decode_body(envelope, reply_type)
+            except InvalidArgument as exc:
+                raise ProtocolError(
+                    f"binary protocol: the reply of {self._peer} to {kind} is not a "
+                    f"{getattr(reply_type, '__name__', reply_type)}: {exc}"
+                ) from exc
+        if envelope.kind == ERROR:
+            error = _decode_error(envelope, self._peer)
+            raise error_from_wire(error.code, error.message, error.details)
+        raise ProtocolError(
+            f"binary protocol: the reply of {self._peer} to {kind} has kind "
+            f"{envelope.kind!r}; expected 'ok' or 'error'"
+        )
+
+    async def close(self) -> None:
+        """Close the connection; requests still waiting raise Unreachable. Idempotent."""
+        if not self._closed:
+            self._lost("closed by this client")
+        self._reader_task.cancel()
+        await asyncio.wait({self._reader_task})
+        await _close_writer(self._writer, self._peer)
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _unreachable(self, reason: str | None = None) -> Unreachable:
+        reason = reason or self._lost_reason or "closed"
+        return Unreachable(
+            f"binary protocol: connection to {self._peer} lost ({reason}); a request already "
+            "sent may or may not have been applied"
+        )
+
+    def _lost(self, reason: str) -> None:
+        """Mark the connection closed, wake every waiting request, and close the socket."""
+        if self._lost_reason is None:
+            self._lost_reason = reason
+        self._closed = True
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_result(None)
+        self._writer.close()
+
+    async def _read_replies(self) -> None:
+        """The reader task: route each reply to the future of its request, until EOF."""
+        reason = "the server closed it"
+        try:
+            while True:
+                data = await self._reader.read(READ_CHUNK_BYTES)
+                if not data:
+                    break
+                for envelope in self._decoder.feed(data):
+                    future = self._pending.pop(envelope.id, None)
+                    if future is not None:
+                        if not future.done():
+                            future.set_result(envelope)
+                    elif envelope.id == 0 and envelope.kind == ERROR:
+                        # The server reports why it is about to close the connection.
+                        error = _decode_error(envelope, self._peer)
+                        reason = f"the server reported {error.code}: {error.message}"
+                    # Otherwise: the late reply of a request that timed out or was cancelled.
+        except ProtocolError as exc:
+            log.warning("binary protocol: %s sent a bad frame: %s", self._peer, exc)
+            reason = str(exc)
+        except OSError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            log.exception("binary protocol: bug in the reader of %s", self._peer)
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            self._lost(reason)
+
+
+async def _client_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    decoder: FrameDecoder,
+    peer: str,
+    api_key: str | None,
+) -> Welcome:
+    writer.write(encode_frame(0, HELLO, Hello(versions=[PROTOCOL_VERSION], api_key=api_key)))
+    await writer.drain()
+    envelopes: list[Envelope] = []
+    while not envelopes:
+        data = await reader.read(READ_CHUNK_BYTES)
+        if not data:
+            raise Unreachable(
+                f"binary protocol: {peer} closed the connection during the handshake; is it a "
+                "memcluster binary endpoint?"
+            )
+        try:
+            envelopes = decoder.feed(data)
+        except ProtocolError as exc:
+            raise ProtocolError(
+                f"binary protocol: {peer} did not answer the hello with a frame ({exc}); is it "
+                "a memcluster binary endpoint (not the HTTP port)?"
+            ) from exc
+    first = envelopes[0]
+    if first.kind == ERROR:
+        error = _decode_error(first, peer)
+        raise error_from_wire(error.code, error.message, error.details)
+    if first.kind != WELCOME:
+        raise ProtocolError(
+            f"binary protocol: {peer} answered the hello with kind {first.kind!r}, not 'welcome'"
+        )
+    try:
+        welcome = decode_body(first, Welcome)
+    except InvalidArgument as exc:
+        raise ProtocolError(f"binary protocol: bad welcome from {peer}: {exc}") from exc
+    check_welcome(welcome)
+    return welcome
+
+
+def _decode_error(envelope: Envelope, peer: str) -> ErrorBody:
+    try:
+        return decode_body(envelope, ErrorBody)
+    except InvalidArgument as exc:
+        return ErrorBody(
+            code=ERROR_TABLE[ProtocolError].code,
+            message=f"binary protocol: {peer} sent an error reply that is not an ErrorBody: {exc}",
+        )
+
+
+# -- server ------------------------------------------------------------------------------------
+
+
+class Dispatcher(Protocol):
+    """What a :class:`BinaryServer` serves: the node's request handling, seen from the wire.
+
+    Both methods run on the server's event loop. ``call`` runs concurrently with itself: up to
+    ``max_in_flight`` calls per connection, on any number of connections.
+    """
+
+    def hello(self, hello: Hello) -> object:
+        """Check the handshake (api key); return the session object passed to every call.
+        Raises a MemclusterError (e.g. Unauthenticated) to refuse."""
+        ...
+
+    async def call(self, session: object, envelope: Envelope) -> Any:
+        """Serve one request; return the reply body (a msgspec Struct). Raises
+        MemclusterError for error replies.
+
+        Decode the body with :func:`~memcluster.transport.frames.decode_body`, whose
+        ``InvalidArgument`` becomes an error reply. Any other exception is treated as a bug:
+        logged, and reported to the client as code ``internal``. Cancelled only when the
+        server's shutdown grace period runs out.
+        """
+        ...
+
+
+class BinaryServer:
+    """Serves the binary protocol on a listening socket; see the module docstring."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        *,
+        node: str,
+        port: int,
+        max_frame_bytes: int,
+        max_in_flight: int,
+        handshake_timeout_s: float,
+    ) -> None:
+        """Internal: use :meth:`start`."""
+        self._dispatcher = dispatcher
+        self._node = node
+        self._port = port
+        self._max_frame_bytes = max_frame_bytes
+        self._max_in_flight = max_in_flight
+        self._handshake_timeout_s = handshake_timeout_s
+        self._server: asyncio.Server | None = None
+        self._connections: set[_ServerConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        """One task per connection, owned by the server and awaited by :meth:`close`."""
+        self._in_flight = 0
+        self._closing = False
+        self._closed = asyncio.Event()
+
+    @classmethod
+    async def start(
+        cls,
+        dispatcher: Dispatcher,
+        sock: socket.socket,
+        *,
+        node: str,
+        ssl: ssl.SSLContext | None = None,
+        max_frame_bytes: int = MAX_FRAME_BYTES_DEFAULT,
+        max_in_flight: int = 256,
+        handshake_timeout_s: float = 10.0,
+    ) -> BinaryServer:
+        """Serve on ``sock``, which is bound and listening; the server takes ownership of it.
+
+        ``max_frame_bytes`` limits the frames clients may send (and the replies the server
+        writes: a larger reply becomes a ``PayloadTooLarge`` error). ``max_in_flight`` limits
+        the requests served at once per connection (the backpressure bound).
+        ``handshake_timeout_s`` limits how long a new connection may take to say hello.
+        """
+        if max_in_flight < 1:
+            raise InvalidArgument(
+                f"binary protocol: max_in_flight must be at least 1, got {max_in_flight}"
+            )
+        if max_frame_bytes < 1:
+            raise InvalidArgument(
+                f"binary protocol: max_frame_bytes must be at least 1, got {max_frame_bytes}"
+            )
+        self = cls(
+            dispatcher,
+            node=node,
+            port=sock.getsockname()[1],
+            max_frame_bytes=max_frame_bytes,
+            max_in_flight=max_in_flight,
+            handshake_timeout_s=handshake_timeout_s,
+        )
+        self._server = await asyncio.start_server(
+            self._accept, sock=sock, ssl=ssl, limit=READ_CHUNK_BYTES
+        )
+        return self
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on (useful after binding port 0)."""
+        return self._port
+
+    @property
+    def node(self) -> str:
+        return self._node
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being served right now, over all connections (including writing replies)."""
+        return self._in_flight
+
+    @property
+    def connections(self) -> int:
+        """Open client connections."""
+        return len(self._connections)
+
+    async def close(self, grace_s: float = 10.0) -> None:
+        """Shut down gracefully: stop accepting and reading, let requests in flight finish and
+        their replies be written for up to ``grace_s``, cancel the rest, close every
+        connection. Idempotent; a second call waits for the first to finish."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            if self._server is not None:
+                self._server.close()
+            for connection in self._connections:
+                connection.stop_reading()
+            if self._tasks:
+                _, late = await asyncio.wait(set(self._tasks), timeout=grace_s)
+                if late:
+                    log.warning(
+                        "binary protocol: %d connections still busy after the grace period of "
+                        "%s s; cancelling their requests",
+                        len(late),
+                        grace_s,
+                    )
+                    for task in late:
+                        task.cancel()
+                    await asyncio.wait(late)
+            if self._server is not None:
+                await self._server.wait_closed()
+        finally:
+            self._closed.set()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio's connection callback: hand the connection to a task the server owns.
+
+        The connection is served in a separate task rather than in this callback's own task
+        because asyncio (3.11) treats a cancelled callback task as an error, and shutdown
+        cancels connections that outlive the grace period.
+        """
+        if self._closing:
+            writer.transport.abort()
+            return
+        connection = _ServerConnection(self, reader, writer)
+        self._connections.add(connection)
+        task = asyncio.create_task(connection.serve(), name=f"memcluster.transport {connection}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class _ServerConnection:
+    """One client connection of a :class:`BinaryServer`: handshake, reader loop, request tasks."""
+
+    def __init__(
+        self, server: BinaryServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._server = server
+        self._reader = reader
+        self._writer = writer
+        peer = writer.get_extra_info("peername")
+        self._peer = _peer_name(str(peer[0]), int(peer[1])) if peer else "unknown peer"
+        self._decoder = FrameDecoder(server._max_frame_bytes)
+        self._slots = asyncio.Semaphore(server._max_in_flight)
+        """One slot per request in flight; the reader waits for a free slot (backpressure)."""
+        self._reading: asyncio.Task[None] | None = None
+        self._stop = False
+
+    def __repr__(self) -> str:
+        return f"connection from {self._peer}"
+
+    def stop_reading(self) -> None:
+        """Start draining: read no more requests; those in flight continue."""
+        self._stop = True
+        if self._reading is not None:
+            self._reading.cancel()
+
+    async def serve(self) -> None:
+        _set_nodelay(self._writer)
+        try:
+            async with asyncio.TaskGroup() as requests:
+                if not self._stop:
+                    self._reading = requests.create_task(self._read(requests))
+        except asyncio.CancelledError:
+            # The server's grace period is over: no flushing, no goodbye.
+            self._writer.transport.abort()
+            raise
+        except Exception:
+            # Request tasks and the reader catch everything, so this is a bug in this module.
+            log.exception("binary protocol: bug serving %s", self)
+        finally:
+            self._server._connections.discard(self)
+            await _close_writer(self._writer, repr(self))
+
+    async def _read(self, requests: asyncio.TaskGroup) -> None:
+        """Do the handshake, then read requests and start a task for each, until EOF."""
+        handshake = await self._handshake()
+        if handshake is None:
+            return
+        session, envelopes = handshake
+        try:
+            while True:
+                for envelope in envelopes:
+                    await self._slots.acquire()
+                    requests.create_task(self._serve_one(session, envelope))
+                data = await self._reader.read(READ_CHUNK_BYTES)
+                if not data:
+                    return
+                envelopes = self._decoder.feed(data)
+        except ProtocolError as exc:
+            log.info("binary protocol: closing %s: %s", self, exc)
+            await self._write(encode_frame(0, ERROR, error_body(exc)))
+        except OSError as exc:
+            log.debug("binary protocol: %s failed: %s", self, exc)
+
+    async def _handshake(self) -> tuple[object, list[Envelope]] | None:
+        """Session and the requests pipelined behind the hello, or None if refused or gone."""
+        server = self._server
+        try:
+            async with asyncio.timeout(server._handshake_timeout_s):
+                envelopes: list[Envelope] = []
+                while not envelopes:
+                    data = await self._reader.read(READ_CHUNK_BYTES)
+                    if not data:
+                        return None
+                    envelopes = self._decoder.feed(data)
+            first = envelopes[0]
+            if first.kind != HELLO:
+                raise ProtocolError(
+                    f"binary protocol: the first frame must have kind 'hello', not "
+                    f"{first.kind!r}; is this a memcluster client?"
+                )
+            try:
+                hello = decode_body(first, Hello)
+            except InvalidArgument as exc:
+                raise ProtocolError(f"binary protocol: bad hello: {exc}") from exc
+            version = choose_version(hello)
+            session = server._dispatcher.hello(hello)
+        except TimeoutError:
+            error = error_body(
+                ProtocolError(f"binary protocol: no hello within {server._handshake_timeout_s} s")
+            )
+        except MemclusterError as exc:
+            error = error_body(exc)
+        except OSError as exc:
+            log.debug("binary protocol: %s failed during the handshake: %s", self, exc)
+            return None
+        except Exception as exc:
+            log.exception("binary protocol: internal error checking the hello of %s", self)
+            error = _internal_error(HELLO, exc)
+        else:
+            welcome = Welcome(
+                version=version, node=server._node, max_frame_bytes=server._max_frame_bytes
+            )
+            await self._write(encode_frame(0, WELCOME, welcome))
+            return session, envelopes[1:]
+        log.info("binary protocol: refused %s: %s", self, error.message)
+        await self._write(encode_frame(0, ERROR, error))
+        return None
+
+    async def _serve_one(self, session: object, envelope: Envelope) -> None:
+        """One request task: call the dispatcher, write the reply, free the slot."""
+        server = self._server
+        server._in_flight += 1
+        try:
+            try:
+                body = await server._dispatcher.call(session, envelope)
+                frame = encode_frame(envelope.id, OK, body)
+                if len(frame) - HEADER_BYTES > server._max_frame_bytes:
+                    raise PayloadTooLarge(
+                        f"binary protocol: the reply to {envelope.kind} is "
+                        f"{len(frame) - HEADER_BYTES} bytes, over the frame limit of "
+                        f"{server._max_frame_bytes}; ask for fewer results"
+                    )
+            except MemclusterError as exc:
+                frame = encode_frame(envelope.id, ERROR, error_body(exc))
+            except Exception as exc:
+                log.exception("binary protocol: internal error serving %s", envelope.kind)
+                frame = encode_frame(envelope.id, ERROR, _internal_error(envelope.kind, exc))
+            await self._write(frame)
+        finally:
+            server._in_flight -= 1
+            self._slots.release()
+
+    async def _write(self, frame: bytes) -> None:
+        """Write a frame and wait until the socket takes it; a dead client is not an error."""
+        writer = self._writer
+        if writer.is_closing():
+            log.debug("binary protocol: dropped a frame for %s: closed", self)
+            return
+        try:
+            writer.write(frame)
+            await writer.drain()
+        except OSError as exc:
+            log.debug("binary protocol: dropped a frame for %s: %s", self, exc)
+
+
+def _internal_error(kind: str, exc: Exception) -> ErrorBody:
+    return ErrorBody(
+        code=_INTERNAL_CODE,
+        message=(
+            f"internal error serving {kind}: {type(exc).__name__}: {exc}; this is a bug, "
+            "please report it"
+        ),
+    )
