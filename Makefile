@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.engine
 
 up: $(STAMP)
-	$(BIN)/memcluster demo
+	$(BIN)/memcluster serve --data ./memcluster-data
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

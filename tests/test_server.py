@@ -356,3 +356,47 @@ def test_unreachable_server_raises_unreachable_after_retries(tmp_path: Path) -> 
     for url in (f"http://127.0.0.1:{port}", f"mc://127.0.0.1:{port}"):
         with memcluster.connect(url, retries=1) as db, pytest.raises(memcluster.Unreachable):
             db.list_collections()
+
+
+def _serve(data: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memcluster.cli.main",
+            "serve",
+            "--data",
+            str(data),
+            "--http-port",
+            "0",
+            "--peer-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_unreadable_data_is_a_clear_start_up_error(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    result = _serve(not_a_dir)
+    assert result.returncode == 2
+    assert "is a file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    server = ServerProcess(tmp_path / "data")
+    with memcluster.connect(server.mc_url) as db:
+        coll = db.create_collection("m", dim=DIM)
+        for i in range(20):
+            coll.put(("a",), f"k{i}", text="x" * 100, vector=[1.0] * DIM)
+    server.stop()
+    segment = next((tmp_path / "data" / "collections" / "m").glob("shard-0000/wal/*.wal"))
+    raw = bytearray(segment.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    segment.write_bytes(bytes(raw))
+    result = _serve(tmp_path / "data")
+    assert result.returncode == 2
+    assert "crc mismatch" in result.stderr
+    assert "Traceback" not in result.stderr
