@@ -35,6 +35,7 @@ from litestar import Litestar, Request, Response, delete, get, post
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RedocRenderPlugin
+from litestar.params import FromPath, JSONBody
 
 from memcluster.core import api
 from memcluster.core.api import OPERATIONS
@@ -142,14 +143,14 @@ def build_app(service: Service, *, request_bytes_max: int) -> Litestar:
 
     @post(_route("collections.create"), status_code=201, summary="Create a collection")
     async def create_collection(
-        request: Request[Any, Any, Any], data: CollectionConfig
+        request: Request[Any, Any, Any], data: JSONBody[CollectionConfig]
     ) -> CollectionInfo:
         result: CollectionInfo = await call(request, "collections.create", None, data)
         return result
 
     @get(_route("collections.describe"), summary="A collection's config and stats")
     async def describe_collection(
-        request: Request[Any, Any, Any], collection: str
+        request: Request[Any, Any, Any], collection: FromPath[str]
     ) -> CollectionInfo:
         result: CollectionInfo = await call(
             request, "collections.describe", collection, api.Empty()
@@ -157,55 +158,57 @@ def build_app(service: Service, *, request_bytes_max: int) -> Litestar:
         return result
 
     @delete(_route("collections.drop"), status_code=200, summary="Drop a collection and its data")
-    async def drop_collection(request: Request[Any, Any, Any], collection: str) -> api.Empty:
+    async def drop_collection(
+        request: Request[Any, Any, Any], collection: FromPath[str]
+    ) -> api.Empty:
         result: api.Empty = await call(request, "collections.drop", collection, api.Empty())
         return result
 
     @post(_route("put"), status_code=200, summary="Put a batch of memories")
     async def put(
-        request: Request[Any, Any, Any], collection: str, data: api.PutBody
+        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.PutBody]
     ) -> api.PutReply:
         result: api.PutReply = await call(request, "put", collection, data)
         return result
 
     @post(_route("get"), status_code=200, summary="Get one memory (null when absent)")
     async def get_memory(
-        request: Request[Any, Any, Any], collection: str, data: api.KeyBody
+        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.KeyBody]
     ) -> api.GetReply:
         result: api.GetReply = await call(request, "get", collection, data)
         return result
 
     @post(_route("delete"), status_code=200, summary="Delete one memory")
     async def delete_memory(
-        request: Request[Any, Any, Any], collection: str, data: api.KeyBody
+        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.KeyBody]
     ) -> api.DeleteReply:
         result: api.DeleteReply = await call(request, "delete", collection, data)
         return result
 
     @post(_route("delete_where"), status_code=200, summary="Delete by namespace and filter")
     async def delete_where(
-        request: Request[Any, Any, Any], collection: str, data: api.ScopeBody
+        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.ScopeBody]
     ) -> api.CountReply:
         result: api.CountReply = await call(request, "delete_where", collection, data)
         return result
 
     @post(_route("count"), status_code=200, summary="Count by namespace and filter")
     async def count(
-        request: Request[Any, Any, Any], collection: str, data: api.ScopeBody
+        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.ScopeBody]
     ) -> api.CountReply:
         result: api.CountReply = await call(request, "count", collection, data)
         return result
 
     @post(_route("list"), status_code=200, summary="One page of memories, in key order")
     async def list_memories(
-        request: Request[Any, Any, Any], collection: str, data: api.ListBody
+        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.ListBody]
     ) -> Page:
         result: Page = await call(request, "list", collection, data)
         return result
 
     @post(_route("search"), status_code=200, summary="The k memories nearest a vector")
     async def search(
-        request: Request[Any, Any, Any], collection: str, data: api.SearchBody
+        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.SearchBody]
     ) -> api.SearchReply:
         result: api.SearchReply = await call(request, "search", collection, data)
         return result

@@ -144,36 +144,34 @@ async def serve(
         raise
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-
+    signals = _catch_signals(loop, stop)
     service = Service(store, node=node, auth=auth, threads=config.request_threads)
-    app = build_app(service, request_bytes_max=config.request_bytes_max)
-    http = _Uvicorn(
-        uvicorn.Config(
-            app,
-            loop="none",
-            http="httptools",
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            limit_concurrency=config.http_concurrency_max,
-            timeout_graceful_shutdown=max(1, round(config.shutdown_grace_s)),
-            ssl_certfile=listen.tls_cert if tls else None,
-            ssl_keyfile=listen.tls_key if tls else None,
-        )
-    )
-    binary = await BinaryServer.start(
-        _Dispatcher(service),
-        peer_sock,
-        node=node,
-        ssl=tls,
-        max_frame_bytes=config.request_bytes_max,
-        max_in_flight=config.connection_in_flight_max,
-    )
+    binary: BinaryServer | None = None
     try:
+        app = build_app(service, request_bytes_max=config.request_bytes_max)
+        http = _Uvicorn(
+            uvicorn.Config(
+                app,
+                loop="none",
+                http="httptools",
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                server_header=False,
+                limit_concurrency=config.http_concurrency_max,
+                timeout_graceful_shutdown=max(1, round(config.shutdown_grace_s)),
+                ssl_certfile=listen.tls_cert if tls else None,
+                ssl_keyfile=listen.tls_key if tls else None,
+            )
+        )
+        binary = await BinaryServer.start(
+            _Dispatcher(service),
+            peer_sock,
+            node=node,
+            ssl=tls,
+            max_frame_bytes=config.request_bytes_max,
+            max_in_flight=config.connection_in_flight_max,
+        )
         async with asyncio.TaskGroup() as tasks:
             http_task = tasks.create_task(http.serve(sockets=[http_sock]))
             while not http.started and not http_task.done():
@@ -189,19 +187,30 @@ async def serve(
                 )
                 if ready is not None:
                     ready(http_port, binary.port)
-                await asyncio.wait(
-                    [tasks.create_task(stop.wait()), http_task],
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+                stopped = tasks.create_task(stop.wait())
+                await asyncio.wait([stopped, http_task], return_when=asyncio.FIRST_COMPLETED)
             log.info("shutting down: finishing in-flight requests")
             service.stopping = True
             http.should_exit = True
             stop.set()
             await binary.close(config.shutdown_grace_s)
     finally:
-        await binary.close(0)
+        if binary is not None:
+            await binary.close(0)
+        peer_sock.close()
         http_sock.close()
         await loop.run_in_executor(None, service.close)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def _catch_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> list[signal.Signals]:
+    """Turn SIGTERM and SIGINT into ``stop``; only possible on the main thread."""
+    caught = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue
+        caught.append(sig)
+    return caught
