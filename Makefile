@@ -32,6 +32,7 @@ fix: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.engine
+	$(BIN)/python -m bench.server
 
 up: $(STAMP)
 	$(BIN)/memcluster serve --data ./memcluster-data

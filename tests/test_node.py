@@ -52,7 +52,7 @@ class _SlowStore:
         return getattr(self.db, name)
 
     def collection(self, name: str) -> StoreCollection:
-        return _SlowCollection(self.db.collection(name), self.write_started)  # type: ignore[return-value]
+        return _SlowCollection(self.db.collection(name), self.write_started)
 
 
 def _ready(ports: list[int], ready: threading.Event, http: int, peer: int) -> None:
@@ -76,7 +76,7 @@ def test_stop_waits_for_the_request_in_flight_and_refuses_new_ones(
         loop_box.append(asyncio.get_running_loop())
         stop_box.append(asyncio.Event())
         await serve(
-            store,  # type: ignore[arg-type]
+            store,
             Config(),
             Listen(http_port=0, peer_port=0),
             node="test",
