@@ -32,7 +32,7 @@ import httpx
 import msgspec
 
 from memcluster.core import api, validation
-from memcluster.core.api import OPERATIONS
+from memcluster.core.api import OPERATIONS, Consistency
 from memcluster.core.config import Config
 from memcluster.core.errors import (
     InvalidArgument,
@@ -409,7 +409,7 @@ class AsyncCollection:
         namespace: Namespace | None = None,
         filter: Mapping[str, Any] | None = None,
         include_vectors: bool = False,
-        consistency: api.Consistency | str = api.Consistency.STRONG,
+        consistency: Consistency | str = Consistency.STRONG,
     ) -> list[Hit]:
         """The ``k`` memories most similar to ``vector``, best first."""
         body = api.SearchBody(
@@ -418,7 +418,7 @@ class AsyncCollection:
             namespace=_as_namespace(namespace, allow_empty=True),
             filter=None if filter is None else dict(filter),
             include_vectors=include_vectors,
-            consistency=validation.enum_value("consistency", consistency, api.Consistency),
+            consistency=validation.enum_value("consistency", consistency, Consistency),
         )
         hits = (await self._call("search", body, api.SearchReply)).hits
         for hit in hits:

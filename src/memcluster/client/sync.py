@@ -27,6 +27,7 @@ import uvloop
 
 from memcluster.client.remote import AsyncClient, AsyncCollection, Namespace
 from memcluster.core import api
+from memcluster.core.api import Consistency
 from memcluster.core.types import (
     CollectionConfig,
     CollectionInfo,
@@ -220,7 +221,7 @@ class Collection:
         namespace: Namespace | None = None,
         filter: Mapping[str, Any] | None = None,
         include_vectors: bool = False,
-        consistency: api.Consistency | str = api.Consistency.STRONG,
+        consistency: Consistency | str = Consistency.STRONG,
     ) -> list[Hit]:
         """The ``k`` memories most similar to ``vector``, best first."""
         return self._run(

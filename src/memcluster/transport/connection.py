@@ -23,6 +23,10 @@ Client: :class:`Connection`
   pipelined on the one socket and their replies may come back in any order.
 * Backpressure on the client: ``request`` awaits ``drain()`` after writing, so senders slow
   down to the pace at which the socket accepts bytes.
+* Write coalescing (both ends): the first frame written in an event-loop iteration goes to
+  the socket at once; frames written after it in the same iteration are joined and written
+  together just after it. A lone request pays no added latency, and a thousand pipelined
+  requests cost two system calls per iteration instead of a thousand.
 * A timeout (``timeout_s``) raises :class:`~memcluster.core.errors.Timeout`; the request stays
   sent, and its late reply is dropped when it comes.
 * The connection is **lost** when the server closes it, the socket fails, or the server sends
@@ -43,7 +47,9 @@ Every connection goes through these states::
         │                                                                ^
         └──refused (error frame), EOF, no hello in time───────────────────┘
 
-* **handshake**: the first frame must be a hello, within ``handshake_timeout_s``. The server
+* **handshake**: the first frame must be a hello (of at most
+  :data:`~memcluster.transport.frames.HELLO_FRAME_BYTES_MAX` bytes), within
+  ``handshake_timeout_s``. The server
   picks the protocol version, asks :meth:`Dispatcher.hello` for a session (or a refusal), and
   answers welcome, or an error frame before it closes the connection.
 * **serving**: a reader loop feeds chunks to the frame decoder and starts one task per request
@@ -108,6 +114,7 @@ from memcluster.transport.frames import (
     ERROR,
     HEADER_BYTES,
     HELLO,
+    HELLO_FRAME_BYTES_MAX,
     MAX_FRAME_BYTES_DEFAULT,
     OK,
     PROTOCOL_VERSION,
@@ -131,7 +138,7 @@ READ_CHUNK_BYTES: Final = 256 << 10
 """How much one read from a socket asks for (also the stream buffer's pause threshold)."""
 
 CLOSE_FLUSH_TIMEOUT_S: Final = 5.0
-"""How long closing a server connection waits for its last bytes to leave before aborting."""
+"""How long closing a connection waits for its last bytes to leave before aborting it."""
 
 _INTERNAL_CODE: Final = ERROR_TABLE[MemclusterError].code
 
@@ -276,8 +283,9 @@ class Connection:
         ``max_frame_bytes`` limits the replies this client accepts.
         """
         peer = _peer_name(host, port)
+        deadline = asyncio.get_running_loop().time() + connect_timeout_s
         try:
-            async with asyncio.timeout(connect_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 reader, writer = await asyncio.open_connection(
                     host, port, ssl=ssl, limit=READ_CHUNK_BYTES
                 )
@@ -294,7 +302,7 @@ class Connection:
         _set_nodelay(writer)
         decoder = FrameDecoder(max_frame_bytes)
         try:
-            async with asyncio.timeout(connect_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 welcome = await _client_handshake(reader, writer, decoder, peer, api_key)
         except BaseException as exc:
             writer.transport.abort()
@@ -361,12 +369,17 @@ class Connection:
                 await self._writer.drain()
                 envelope = await future
             else:
-                async with asyncio.timeout(timeout_s):
-                    self._writer.write(frame)
-                    await self._writer.drain()
-                    envelope = await future
-        except TimeoutError:
-            raise Timeout(f"binary protocol: no reply to {kind} within {timeout_s} s") from None
+                try:
+                    async with asyncio.timeout(timeout_s) as deadline:
+                        self._writer.write(frame)
+                        await self._writer.drain()
+                        envelope = await future
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise  # the socket's own ETIMEDOUT: handled below, as a lost connection
+                    raise Timeout(
+                        f"binary protocol: no reply to {kind} within {timeout_s} s"
+                    ) from None
         except OSError as exc:
             raise self._unreachable(f"{type(exc).__name__}: {exc}") from exc
         finally:
@@ -395,6 +408,11 @@ class Connection:
             self._lost("closed by this client")
         self._reader_task.cancel()
         await asyncio.wait({self._reader_task})
+        transport = self._writer.stream.transport
+        if transport.get_write_buffer_size():
+            # Only requests that already failed with Unreachable are unsent: do not wait for a
+            # server that stopped reading to take them.
+            transport.abort()
         await self._writer.close(self._peer)
 
     async def __aenter__(self) -> Connection:
@@ -678,7 +696,8 @@ class _ServerConnection:
         self._writer = _FrameWriter(writer)
         peer = writer.get_extra_info("peername")
         self._peer = _peer_name(str(peer[0]), int(peer[1])) if peer else "unknown peer"
-        self._decoder = FrameDecoder(server._max_frame_bytes)
+        self._decoder = FrameDecoder(min(HELLO_FRAME_BYTES_MAX, server._max_frame_bytes))
+        """Limited to small frames until the handshake succeeds."""
         self._slots = asyncio.Semaphore(server._max_in_flight)
         """One slot per request in flight; the reader waits for a free slot (backpressure)."""
         self._reading: asyncio.Task[None] | None = None
@@ -767,6 +786,7 @@ class _ServerConnection:
             log.exception("binary protocol: internal error checking the hello of %s", self)
             error = _internal_error(HELLO, exc)
         else:
+            self._decoder.max_frame_bytes = server._max_frame_bytes
             welcome = Welcome(
                 version=version, node=server._node, max_frame_bytes=server._max_frame_bytes
             )

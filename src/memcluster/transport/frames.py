@@ -51,7 +51,8 @@ Conversation
 * The client sends :class:`Hello` with every protocol version it speaks and its API key. The
   server picks the highest version both speak (:func:`choose_version`) and answers
   :class:`Welcome`, or an ``"error"`` frame (a ``protocol_error``, ``unauthenticated``, ...)
-  and closes the connection.
+  and closes the connection. Until it has sent the welcome, the server accepts frames of at
+  most :data:`HELLO_FRAME_BYTES_MAX` bytes; afterwards up to ``Welcome.max_frame_bytes``.
 * A request is a frame whose ``kind`` is an operation of
   :data:`memcluster.core.api.OPERATIONS` and whose ``body`` is its request struct. Request ids
   are chosen by the client, unique among its requests in flight (the client counts from 1).
@@ -89,6 +90,10 @@ SUPPORTED_VERSIONS: Final[tuple[int, ...]] = (PROTOCOL_VERSION,)
 MAX_FRAME_BYTES_DEFAULT: Final = 64 << 20
 """Default limit on a frame's ``length`` (64 MiB), in both directions."""
 
+HELLO_FRAME_BYTES_MAX: Final = 64 << 10
+"""Limit on frames a server accepts before its welcome (64 KiB): an unauthenticated peer
+cannot make it buffer a 64 MiB frame."""
+
 HEADER_BYTES: Final = 4
 """Size of the length prefix of a frame."""
 
@@ -120,7 +125,11 @@ class Envelope(msgspec.Struct, gc=False):
 
 class _OutEnvelope(msgspec.Struct, gc=False):
     """The sending side of :class:`Envelope`: ``body`` is any encodable value (or a Raw, which
-    is copied verbatim, so a received body can be forwarded without decoding it)."""
+    is copied verbatim, so a received body can be forwarded without decoding it).
+
+    ``gc=False`` is safe because one lives only inside :func:`encode_frame`: nothing else ever
+    refers to it, so it cannot close a reference cycle.
+    """
 
     id: int
     kind: str
@@ -249,7 +258,17 @@ class FrameDecoder:
 
     @property
     def max_frame_bytes(self) -> int:
+        """The largest frame accepted. A server raises it after the handshake (see
+        :data:`HELLO_FRAME_BYTES_MAX`); the new limit applies to lengths not yet read."""
         return self._max_frame_bytes
+
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, value: int) -> None:
+        if value < 1:
+            raise InvalidArgument(
+                f"binary protocol: max_frame_bytes must be at least 1, got {value}"
+            )
+        self._max_frame_bytes = value
 
     @property
     def buffered_bytes(self) -> int:
