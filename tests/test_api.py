@@ -36,6 +36,7 @@ def test_public_names_are_pinned() -> None:
         "InvalidName",
         "InvalidState",
         "InvalidVector",
+        "LeaseExpired",
         "MemclusterError",
         "Memory",
         "Metric",
@@ -49,6 +50,7 @@ def test_public_names_are_pinned() -> None:
         "RequestError",
         "RetryableError",
         "ShardUnavailable",
+        "StaleToken",
         "StorageError",
         "Timeout",
         "Unauthenticated",
@@ -88,7 +90,22 @@ def test_remote_collections_have_the_embedded_signatures() -> None:
 
 def test_clients_have_the_embedded_database_methods() -> None:
     embedded = _public_methods(memcluster.Database)
-    shared = ["create_collection", "collection", "list_collections", "drop_collection"]
+    shared = [
+        "create_collection",
+        "collection",
+        "list_collections",
+        "drop_collection",
+        "grant_lease",
+        "keepalive",
+        "revoke",
+        "acquire_lock",
+        "release_lock",
+        "lock",
+        "acquire_semaphore",
+        "release_semaphore",
+        "incr",
+        "counter",
+    ]
     for cls in (memcluster.Client, memcluster.AsyncClient):
         remote = _public_methods(cls)
         for name in shared:

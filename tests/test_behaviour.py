@@ -9,8 +9,6 @@ same errors, field for field.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,31 +16,9 @@ import pytest
 
 import memcluster
 from memcluster import Memory
-from server_util import ServerProcess
 
 DIM = 4
 Store = Any  # memcluster.Database or memcluster.Client: the same interface
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path_factory.mktemp("server") / "data")
-    yield proc
-    assert proc.stop() == 0
-
-
-@pytest.fixture(params=["embedded", "http", "binary"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    kind = request.param
-    if kind == "embedded":
-        with memcluster.open(tmp_path / "data") as db:
-            yield db
-        return
-    server: ServerProcess = request.getfixturevalue("server")
-    with memcluster.connect(server.http_url if kind == "http" else server.mc_url) as client:
-        for name in client.list_collections():
-            client.drop_collection(name)
-        yield client
 
 
 def vec(*xs: float) -> np.ndarray:

@@ -20,7 +20,12 @@ class _ScriptedTransport:
         self.calls = 0
 
     async def call(
-        self, kind: str, collection: str | None, body: msgspec.Struct, reply: Any
+        self,
+        kind: str,
+        collection: str | None,
+        body: msgspec.Struct,
+        reply: Any,
+        timeout_s: float | None = None,
     ) -> Any:
         self.calls += 1
         if self.errors:
@@ -75,6 +80,18 @@ def test_other_errors_are_never_retried(error: Exception) -> None:
     client, transport = _client([error])
     with pytest.raises(type(error)):
         asyncio.run(client.list_collections())
+    assert transport.calls == 1
+
+
+def test_acquires_and_increments_are_never_retried() -> None:
+    """Resending them after a lost reply could take a second lock or count twice."""
+    client, transport = _client([memcluster.Unreachable("lost")])
+    with pytest.raises(memcluster.Unreachable):
+        asyncio.run(client.incr("k"))
+    assert transport.calls == 1
+    client, transport = _client([memcluster.Timeout("slow")])
+    with pytest.raises(memcluster.Timeout):
+        asyncio.run(client.acquire_lock("l"))
     assert transport.calls == 1
 
 

@@ -34,10 +34,15 @@ class _SlowCollection:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def put_many(self, memories: Sequence[Memory], idempotency_key: str | None = None) -> list[int]:
+    def put_many(
+        self,
+        memories: Sequence[Memory],
+        idempotency_key: str | None = None,
+        fence: tuple[str, int] | None = None,
+    ) -> list[int]:
         self._started.set()
         time.sleep(WRITE_S)
-        versions: list[int] = self._inner.put_many(memories, idempotency_key)
+        versions: list[int] = self._inner.put_many(memories, idempotency_key, fence)
         return versions
 
 

@@ -30,7 +30,7 @@ from memcluster.cli.data import (
     status_command,
 )
 from memcluster.cli.serve import serve_command
-from memcluster.core.codec import PutOp
+from memcluster.core.codec import DeleteOp, Op, PutOp
 from memcluster.core.config import Config
 from memcluster.core.errors import MemclusterError
 from memcluster.shard.shard import ShardState
@@ -148,17 +148,21 @@ def inspect_wal(path: Path) -> None:
         for segment in segments:
             console.print(f"[bold]{segment}[/]")
             for offset, record in read_segment(segment, Config()):
-                ops = ", ".join(
-                    f"put {'/'.join(op.namespace)}:{op.key}"
-                    if isinstance(op, PutOp)
-                    else f"delete {'/'.join(op.namespace)}:{op.key} ({op.reason.name.lower()})"
-                    for op in record.ops
-                )
+                ops = ", ".join(_describe(op) for op in record.ops)
                 idem = f" idem={record.idem}" if record.idem else ""
                 console.print(f"  @{offset} seq={record.seq}..{record.last_seq}{idem}: {ops}")
     except MemclusterError as exc:
         console.print(f"[red]error:[/] {exc}")
         sys.exit(1)
+
+
+def _describe(op: Op) -> str:
+    if isinstance(op, PutOp):
+        return f"put {'/'.join(op.namespace)}:{op.key}"
+    if isinstance(op, DeleteOp):
+        return f"delete {'/'.join(op.namespace)}:{op.key} ({op.reason.name.lower()})"
+    fields = ", ".join(f"{f}={getattr(op, f)!r}" for f in op.__struct_fields__)
+    return f"{type(op).__name__.removesuffix('Op').lower()}({fields})"
 
 
 @inspect.command("snapshot")

@@ -15,6 +15,7 @@ Data directory layout::
     DIR/collections/NAME/config.json           the CollectionConfig, written atomically
     DIR/collections/NAME/shard-0000/wal/       that shard's WAL segments
     DIR/collections/NAME/shard-0000/snapshots/ its snapshots
+    DIR/coordination/{wal,snapshots}/          leases, locks, semaphores, counters
 
 A collection's memories are spread over its shards by :func:`memcluster.core.hashing.shard_of`,
 the hash the cluster uses, and results are merged across shards (top-k by score, ties by
@@ -24,6 +25,7 @@ namespace and key).
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import logging
 import os
@@ -49,6 +51,7 @@ from memcluster.core.errors import (
     InvalidArgument,
     InvalidState,
     PayloadTooLarge,
+    StaleToken,
 )
 from memcluster.core.hashing import shard_of
 from memcluster.core.types import (
@@ -63,7 +66,8 @@ from memcluster.core.types import (
     Page,
 )
 from memcluster.index.filters import Filter, compile_filter
-from memcluster.shard.maintenance import Maintainer
+from memcluster.shard.coord import CoordShard
+from memcluster.shard.maintenance import Maintained, Maintainer
 from memcluster.shard.shard import PreparedPut, Shard
 from memcluster.storage.files import fsync_path
 from memcluster.storage.snapshot import SnapshotStore
@@ -125,6 +129,7 @@ class Database:
         root = path / "collections"
         root.mkdir(exist_ok=True)
         try:
+            self._coord = CoordShard.open(path / "coordination", config, clock)
             for entry in sorted(root.iterdir()):
                 if entry.name.startswith(".") or not (entry / "config.json").exists():
                     continue
@@ -135,7 +140,7 @@ class Database:
             raise
         self._maintainer: Maintainer | None = None
         if config.background:
-            self._maintainer = Maintainer(self._all_shards, config)
+            self._maintainer = Maintainer(self._maintained, config)
             self._maintainer.start()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -165,6 +170,8 @@ class Database:
         self._pool.shutdown(wait=True)
         for coll in self._collections.values():
             coll._close()
+        if hasattr(self, "_coord"):
+            self._coord.close()
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         self._lock_file.close()
 
@@ -176,6 +183,9 @@ class Database:
         with self._lock:
             return [s for c in self._collections.values() for s in c._shards]
 
+    def _maintained(self) -> list[Maintained]:
+        return [self._coord, *self._all_shards()]
+
     def maintain(self) -> None:
         """Run background work (indexing, TTL sweeps, snapshots) to completion, now.
 
@@ -183,9 +193,89 @@ class Database:
         or to make sure every fresh write is in the graph before measuring.
         """
         self._check_open()
-        for shard in self._all_shards():
+        for shard in self._maintained():
             while shard.maintain():
                 pass
+
+    # -- coordination: leases, locks, semaphores, counters ------------------------------------
+
+    def grant_lease(self, ttl_s: float) -> int:
+        """A lease that ends ``ttl_s`` seconds from now unless kept alive; returns its id.
+
+        Locks and permits acquired with ``lease=`` are released when it ends: an agent's
+        hold on shared state dies with the agent.
+        """
+        self._check_open()
+        return self._coord.grant_lease(ttl_s)
+
+    def keepalive(self, lease: int) -> float:
+        """Extend ``lease`` by its TTL from now; returns the new expiry (seconds since the
+        epoch). LeaseExpired if it has already ended."""
+        self._check_open()
+        return self._coord.keepalive(lease)
+
+    def revoke(self, lease: int) -> None:
+        """End ``lease`` now, releasing everything held under it."""
+        self._check_open()
+        self._coord.revoke(lease)
+
+    def acquire_lock(
+        self, name: str, ttl_s: float = 10.0, timeout_s: float = 30.0, lease: int | None = None
+    ) -> int:
+        """Wait, first come first served, for lock ``name``; returns its **fencing token**.
+
+        Tokens grow with every grant, across restarts. Pass ``fence=(name, token)`` to writes
+        made under the lock: the store refuses them (StaleToken) once the token no longer
+        holds it. The lock is held until ``release_lock``, or until ``ttl_s`` passes (or
+        ``lease`` ends, when given). Timeout if not granted within ``timeout_s``.
+        """
+        self._check_open()
+        return self._coord.acquire_lock(name, ttl_s, timeout_s, lease)
+
+    def release_lock(self, name: str, token: int) -> None:
+        """Release lock ``name``; StaleToken if ``token`` no longer holds it."""
+        self._check_open()
+        self._coord.release_lock(name, token)
+
+    @contextlib.contextmanager
+    def lock(
+        self, name: str, ttl_s: float = 10.0, timeout_s: float = 30.0, lease: int | None = None
+    ) -> Iterator[int]:
+        """``with db.lock("deploy") as token:`` acquire, yield the fencing token, release."""
+        token = self.acquire_lock(name, ttl_s, timeout_s, lease)
+        try:
+            yield token
+        finally:
+            with contextlib.suppress(StaleToken):
+                self.release_lock(name, token)
+
+    def acquire_semaphore(
+        self,
+        name: str,
+        permits: int,
+        ttl_s: float = 10.0,
+        timeout_s: float = 30.0,
+        lease: int | None = None,
+    ) -> int:
+        """Wait (first come, first served) for one of ``permits`` permits of semaphore
+        ``name``; returns the permit's token. Held like a lock (see ``acquire_lock``)."""
+        self._check_open()
+        return self._coord.acquire_semaphore(name, permits, ttl_s, timeout_s, lease)
+
+    def release_semaphore(self, name: str, token: int) -> None:
+        """Give back a permit; StaleToken if it is no longer held."""
+        self._check_open()
+        self._coord.release_semaphore(name, token)
+
+    def incr(self, key: str, delta: int = 1) -> int:
+        """Atomically add ``delta`` to counter ``key`` (absent = 0); returns the new value."""
+        self._check_open()
+        return self._coord.incr(key, delta)
+
+    def counter(self, key: str) -> int:
+        """The value of counter ``key`` (0 if never incremented)."""
+        self._check_open()
+        return self._coord.counter(key)
 
     # -- collections ---------------------------------------------------------------------------
 
@@ -389,13 +479,15 @@ class Collection:
         metadata: Mapping[str, Any] | None = None,
         ttl_s: float | None = None,
         if_version: int | None = None,
+        fence: tuple[str, int] | None = None,
     ) -> int:
         """Insert or replace the memory at (namespace, key); returns its new version.
 
         ``if_version=0`` writes only if the memory is absent, ``if_version=N`` only if its
         version is N (else VersionConflict). ``ttl_s`` makes it expire (default: the
-        collection's ``ttl_s``). Acknowledged after fsync unless the collection's durability
-        says otherwise.
+        collection's ``ttl_s``). ``fence=(lock, token)`` writes only while ``token`` holds
+        the lock (else StaleToken). Acknowledged after fsync unless the collection's
+        durability says otherwise.
         """
         memory = Memory(
             # Validated in put_many; a list is accepted as a tuple.
@@ -409,16 +501,42 @@ class Collection:
             ttl_s=ttl_s,
             if_version=if_version,
         )
-        return self.put_many([memory])[0]
+        return self.put_many([memory], fence=fence)[0]
 
-    def put_many(self, memories: Sequence[Memory], idempotency_key: str | None = None) -> list[int]:
+    def put_many(
+        self,
+        memories: Sequence[Memory],
+        idempotency_key: str | None = None,
+        fence: tuple[str, int] | None = None,
+    ) -> list[int]:
         """Write a batch; returns the versions in input order.
 
         The whole batch is validated and checked (versions, capacity) on every shard before
         anything is written: a rejected batch writes nothing. Retrying with the same
         ``idempotency_key`` returns the first call's versions without writing twice.
+        ``fence=(lock, token)``: written only while ``token`` holds the lock (see
+        ``Database.acquire_lock``); StaleToken otherwise, and nothing is written.
         """
         self._db._check_open()
+        with self._fenced(fence):
+            return self._put_many(memories, idempotency_key)
+
+    def _fenced(self, fence: tuple[str, int] | None) -> contextlib.AbstractContextManager[None]:
+        if fence is None:
+            return contextlib.nullcontext()
+        if (
+            not isinstance(fence, tuple | list)
+            or len(fence) != 2
+            or not isinstance(fence[0], str)
+            or isinstance(fence[1], bool)
+            or not isinstance(fence[1], int)
+        ):
+            raise InvalidArgument(
+                f"fence is {fence!r}; pass (lock name, token) as acquire_lock returned it"
+            )
+        return self._db._coord.fenced(fence[0], fence[1])
+
+    def _put_many(self, memories: Sequence[Memory], idempotency_key: str | None) -> list[int]:
         cfg = self._db.config
         if len(memories) > cfg.batch_items_max:
             raise PayloadTooLarge(
@@ -454,10 +572,11 @@ class Collection:
             shard.commit(token)
         return versions
 
-    def delete(self, namespace: Namespace, key: str) -> bool:
-        """Delete the memory at (namespace, key); True if it existed."""
+    def delete(self, namespace: Namespace, key: str, fence: tuple[str, int] | None = None) -> bool:
+        """Delete the memory at (namespace, key); True if it existed. ``fence``: as in put."""
         shard, ns, k = self._locate(namespace, key)
-        return shard.delete(ns, k)
+        with self._fenced(fence):
+            return shard.delete(ns, k)
 
     def delete_where(
         self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None

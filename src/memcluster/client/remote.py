@@ -22,6 +22,7 @@ backoff, exactly the errors that :func:`memcluster.is_retryable` says may succee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
@@ -37,6 +38,7 @@ from memcluster.core.config import Config
 from memcluster.core.errors import (
     InvalidArgument,
     MemclusterError,
+    StaleToken,
     Timeout,
     Unreachable,
     error_from_wire,
@@ -71,7 +73,12 @@ def _json_decoder(type_: type[T]) -> msgspec.json.Decoder[T]:
 
 class _Transport(Protocol):
     async def call(
-        self, kind: str, collection: str | None, body: msgspec.Struct, reply: type[T]
+        self,
+        kind: str,
+        collection: str | None,
+        body: msgspec.Struct,
+        reply: type[T],
+        timeout_s: float | None = None,
     ) -> T: ...
     async def close(self) -> None: ...
 
@@ -96,17 +103,29 @@ class _HttpTransport:
             headers=headers,
             timeout=timeout_s,
             verify=verify,
-            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+            # HTTP/1.1 carries one request per connection at a time, and an acquire holds
+            # its connection while it waits: allow many, keep a few alive.
+            limits=httpx.Limits(max_connections=16 * pool, max_keepalive_connections=2 * pool),
         )
 
     async def call(
-        self, kind: str, collection: str | None, body: msgspec.Struct, reply: type[T]
+        self,
+        kind: str,
+        collection: str | None,
+        body: msgspec.Struct,
+        reply: type[T],
+        timeout_s: float | None = None,
     ) -> T:
         op = OPERATIONS[kind]
         path = op.path.format(collection=quote(collection or "", safe=""))
         content = None if op.method in ("GET", "DELETE") else _encode(_json_encoder, body)
         try:
-            response = await self._client.request(op.method, path, content=content)
+            response = await self._client.request(
+                op.method,
+                path,
+                content=content,
+                timeout=httpx.USE_CLIENT_DEFAULT if timeout_s is None else timeout_s,
+            )
         except httpx.TimeoutException:
             raise Timeout(f"http: no reply to {kind} from {self._where} in time") from None
         except httpx.TransportError as exc:
@@ -169,7 +188,12 @@ class _BinaryTransport:
             return conn
 
     async def call(
-        self, kind: str, collection: str | None, body: msgspec.Struct, reply: type[T]
+        self,
+        kind: str,
+        collection: str | None,
+        body: msgspec.Struct,
+        reply: type[T],
+        timeout_s: float | None = None,
     ) -> T:
         op = OPERATIONS[kind]
         request: msgspec.Struct = body
@@ -177,7 +201,7 @@ class _BinaryTransport:
             fields = {f: getattr(body, f) for f in body.__struct_fields__}
             request = op.request(collection=collection, **fields)
         conn = await self._connection()
-        return await conn.request(kind, request, reply, timeout_s=self._timeout_s)
+        return await conn.request(kind, request, reply, timeout_s=timeout_s or self._timeout_s)
 
     async def close(self) -> None:
         for conn in self._conns:
@@ -190,6 +214,11 @@ def _encode(encoder: msgspec.json.Encoder, body: msgspec.Struct) -> bytes:
         return encoder.encode(body)
     except (TypeError, msgspec.EncodeError) as exc:
         raise InvalidArgument(f"request cannot be encoded: {exc}") from None
+
+
+def _fence(fence: object) -> Any:
+    """A list from JSON-minded callers is accepted as the (name, token) tuple."""
+    return tuple(fence) if isinstance(fence, list) else fence
 
 
 def _tls_context(verify: bool | str) -> ssl.SSLContext:
@@ -226,7 +255,9 @@ class AsyncClient:
         pool: int = 4,
     ) -> None:
         """``url`` is ``http(s)://HOST:PORT`` (the HTTP API) or ``mc(s)://HOST:PORT`` (the
-        binary protocol, faster). ``verify`` is False or a CA file for self-signed TLS."""
+        binary protocol, faster). ``verify`` is False or a CA file for self-signed TLS.
+        ``pool``: binary connections (each multiplexes many requests); over HTTP, up to 16x as
+        many connections and 2x kept alive."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https", "mc", "mcs") or not parts.hostname:
             raise InvalidArgument(
@@ -234,6 +265,7 @@ class AsyncClient:
             )
         validation.int_in_range("retries", retries, 0, 100)
         self.url = url
+        self._timeout_s = timeout_s
         self._retries = retries
         self._backoff_s = retry_backoff_s
         self._transport: _Transport
@@ -263,14 +295,23 @@ class AsyncClient:
         await self._transport.close()
 
     async def _call(
-        self, kind: str, collection: str | None, body: msgspec.Struct, reply: type[T]
+        self,
+        kind: str,
+        collection: str | None,
+        body: msgspec.Struct,
+        reply: type[T],
+        wait_s: float = 0.0,
     ) -> T:
+        """Send one operation; retry what may succeed later (never an acquire or an incr,
+        whose effect would double). ``wait_s``: how long the server may block on purpose."""
+        op = OPERATIONS[kind]
+        timeout_s = self._timeout_s + wait_s if wait_s else None
         attempt = 0
         while True:
             try:
-                return await self._transport.call(kind, collection, body, reply)
+                return await self._transport.call(kind, collection, body, reply, timeout_s)
             except MemclusterError as exc:
-                if not is_retryable(exc) or attempt >= self._retries:
+                if not op.retry or not is_retryable(exc) or attempt >= self._retries:
                     raise
             await asyncio.sleep(self._backoff_s * 2**attempt)
             attempt += 1
@@ -329,6 +370,84 @@ class AsyncClient:
         validation.collection_name(name)
         await self._call("collections.drop", name, api.Empty(), api.Empty)
 
+    # -- coordination (see memcluster.Database for the semantics) -----------------------------
+
+    async def grant_lease(self, ttl_s: float) -> int:
+        """A lease that ends ``ttl_s`` seconds from now unless kept alive; its id."""
+        return (
+            await self._call("leases.grant", None, api.LeaseBody(ttl_s=ttl_s), api.LeaseReply)
+        ).lease
+
+    async def keepalive(self, lease: int) -> float:
+        """Extend ``lease`` by its TTL; returns the new expiry. LeaseExpired if it ended."""
+        reply = await self._call(
+            "leases.keepalive", None, api.LeaseRef(lease=lease), api.KeepaliveReply
+        )
+        return reply.expires_at
+
+    async def revoke(self, lease: int) -> None:
+        """End ``lease`` now, releasing everything held under it."""
+        await self._call("leases.revoke", None, api.LeaseRef(lease=lease), api.Empty)
+
+    async def acquire_lock(
+        self, name: str, ttl_s: float = 10.0, timeout_s: float = 30.0, lease: int | None = None
+    ) -> int:
+        """Wait (FIFO) for lock ``name``; returns its fencing token (see Database)."""
+        body = api.LockBody(name=name, ttl_s=ttl_s, timeout_s=timeout_s, lease=lease)
+        reply = await self._call("locks.acquire", None, body, api.TokenReply, _wait(timeout_s))
+        return reply.token
+
+    async def release_lock(self, name: str, token: int) -> None:
+        """Release lock ``name``; StaleToken if ``token`` no longer holds it."""
+        await self._call("locks.release", None, api.ReleaseBody(name=name, token=token), api.Empty)
+
+    @contextlib.asynccontextmanager
+    async def lock(
+        self, name: str, ttl_s: float = 10.0, timeout_s: float = 30.0, lease: int | None = None
+    ) -> AsyncIterator[int]:
+        """``async with client.lock("deploy") as token:`` acquire, yield the token, release."""
+        token = await self.acquire_lock(name, ttl_s, timeout_s, lease)
+        try:
+            yield token
+        finally:
+            with contextlib.suppress(StaleToken):
+                await self.release_lock(name, token)
+
+    async def acquire_semaphore(
+        self,
+        name: str,
+        permits: int,
+        ttl_s: float = 10.0,
+        timeout_s: float = 30.0,
+        lease: int | None = None,
+    ) -> int:
+        """Wait (FIFO) for one of ``permits`` permits of semaphore ``name``; its token."""
+        body = api.SemaphoreBody(
+            name=name, permits=permits, ttl_s=ttl_s, timeout_s=timeout_s, lease=lease
+        )
+        reply = await self._call("semaphores.acquire", None, body, api.TokenReply, _wait(timeout_s))
+        return reply.token
+
+    async def release_semaphore(self, name: str, token: int) -> None:
+        """Give back a permit; StaleToken if it is no longer held."""
+        body = api.ReleaseBody(name=name, token=token)
+        await self._call("semaphores.release", None, body, api.Empty)
+
+    async def incr(self, key: str, delta: int = 1) -> int:
+        """Atomically add ``delta`` to counter ``key``; returns the new value."""
+        body = api.CounterBody(key=key, delta=delta)
+        return (await self._call("counters.incr", None, body, api.CounterReply)).value
+
+    async def counter(self, key: str) -> int:
+        """The value of counter ``key`` (0 if never incremented)."""
+        body = api.CounterKey(key=key)
+        return (await self._call("counters.get", None, body, api.CounterReply)).value
+
+
+def _wait(timeout_s: object) -> float:
+    """How long the server may hold an acquire, for the request's own deadline."""
+    return float(timeout_s) if isinstance(timeout_s, int | float) and timeout_s > 0 else 0.0
+
 
 class AsyncCollection:
     """A collection on a server; the embedded Collection's methods, as coroutines."""
@@ -353,6 +472,7 @@ class AsyncCollection:
         metadata: Mapping[str, Any] | None = None,
         ttl_s: float | None = None,
         if_version: int | None = None,
+        fence: tuple[str, int] | None = None,
     ) -> int:
         """Insert or replace one memory; returns its new version (see the embedded ``put``)."""
         memory = Memory(
@@ -364,15 +484,20 @@ class AsyncCollection:
             ttl_s=ttl_s,
             if_version=if_version,
         )
-        return (await self.put_many([memory]))[0]
+        return (await self.put_many([memory], fence=fence))[0]
 
     async def put_many(
-        self, memories: Sequence[Memory], idempotency_key: str | None = None
+        self,
+        memories: Sequence[Memory],
+        idempotency_key: str | None = None,
+        fence: tuple[str, int] | None = None,
     ) -> list[int]:
         """Write a batch atomically against rejection; returns the versions in input order."""
         if not memories:
             return []
-        body = api.PutBody(memories=list(memories), idempotency_key=idempotency_key)
+        body = api.PutBody(
+            memories=list(memories), idempotency_key=idempotency_key, fence=_fence(fence)
+        )
         return (await self._call("put", body, api.PutReply)).versions
 
     async def get(self, namespace: Namespace, key: str) -> Memory | None:
@@ -382,9 +507,11 @@ class AsyncCollection:
         api.vectors_to_numpy(memory)
         return memory
 
-    async def delete(self, namespace: Namespace, key: str) -> bool:
+    async def delete(
+        self, namespace: Namespace, key: str, fence: tuple[str, int] | None = None
+    ) -> bool:
         """Delete the memory at (namespace, key); True if it existed."""
-        body = api.KeyBody(namespace=_as_namespace(namespace), key=key)
+        body = api.DeleteBody(namespace=_as_namespace(namespace), key=key, fence=_fence(fence))
         return (await self._call("delete", body, api.DeleteReply)).deleted
 
     def _scope(

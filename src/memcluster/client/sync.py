@@ -18,6 +18,7 @@ results and errors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -28,6 +29,7 @@ import uvloop
 from memcluster.client.remote import AsyncClient, AsyncCollection, Namespace
 from memcluster.core import api
 from memcluster.core.api import Consistency
+from memcluster.core.errors import StaleToken
 from memcluster.core.types import (
     CollectionConfig,
     CollectionInfo,
@@ -162,6 +164,67 @@ class Client:
         """Delete collection ``name`` and all its data."""
         self._runner.run(self._async.drop_collection(name))
 
+    # -- coordination (see memcluster.Database for the semantics) -----------------------------
+
+    def grant_lease(self, ttl_s: float) -> int:
+        """A lease that ends ``ttl_s`` seconds from now unless kept alive; its id."""
+        return self._runner.run(self._async.grant_lease(ttl_s))
+
+    def keepalive(self, lease: int) -> float:
+        """Extend ``lease`` by its TTL; returns the new expiry. LeaseExpired if it ended."""
+        return self._runner.run(self._async.keepalive(lease))
+
+    def revoke(self, lease: int) -> None:
+        """End ``lease`` now, releasing everything held under it."""
+        self._runner.run(self._async.revoke(lease))
+
+    def acquire_lock(
+        self, name: str, ttl_s: float = 10.0, timeout_s: float = 30.0, lease: int | None = None
+    ) -> int:
+        """Wait (FIFO) for lock ``name``; returns its fencing token."""
+        return self._runner.run(self._async.acquire_lock(name, ttl_s, timeout_s, lease))
+
+    def release_lock(self, name: str, token: int) -> None:
+        """Release lock ``name``; StaleToken if ``token`` no longer holds it."""
+        self._runner.run(self._async.release_lock(name, token))
+
+    @contextlib.contextmanager
+    def lock(
+        self, name: str, ttl_s: float = 10.0, timeout_s: float = 30.0, lease: int | None = None
+    ) -> Iterator[int]:
+        """``with client.lock("deploy") as token:`` acquire, yield the token, release."""
+        token = self.acquire_lock(name, ttl_s, timeout_s, lease)
+        try:
+            yield token
+        finally:
+            with contextlib.suppress(StaleToken):
+                self.release_lock(name, token)
+
+    def acquire_semaphore(
+        self,
+        name: str,
+        permits: int,
+        ttl_s: float = 10.0,
+        timeout_s: float = 30.0,
+        lease: int | None = None,
+    ) -> int:
+        """Wait (FIFO) for one of ``permits`` permits of semaphore ``name``; its token."""
+        return self._runner.run(
+            self._async.acquire_semaphore(name, permits, ttl_s, timeout_s, lease)
+        )
+
+    def release_semaphore(self, name: str, token: int) -> None:
+        """Give back a permit; StaleToken if it is no longer held."""
+        self._runner.run(self._async.release_semaphore(name, token))
+
+    def incr(self, key: str, delta: int = 1) -> int:
+        """Atomically add ``delta`` to counter ``key``; returns the new value."""
+        return self._runner.run(self._async.incr(key, delta))
+
+    def counter(self, key: str) -> int:
+        """The value of counter ``key`` (0 if never incremented)."""
+        return self._runner.run(self._async.counter(key))
+
 
 async def _make_client(url: str, options: dict[str, Any]) -> AsyncClient:
     # Built on the loop thread: its locks and connections belong to that loop.
@@ -192,21 +255,29 @@ class Collection:
         metadata: Mapping[str, Any] | None = None,
         ttl_s: float | None = None,
         if_version: int | None = None,
+        fence: tuple[str, int] | None = None,
     ) -> int:
         """Insert or replace one memory; returns its new version."""
-        return self._run(self._async.put(namespace, key, text, vector, metadata, ttl_s, if_version))
+        return self._run(
+            self._async.put(namespace, key, text, vector, metadata, ttl_s, if_version, fence)
+        )
 
-    def put_many(self, memories: Sequence[Memory], idempotency_key: str | None = None) -> list[int]:
+    def put_many(
+        self,
+        memories: Sequence[Memory],
+        idempotency_key: str | None = None,
+        fence: tuple[str, int] | None = None,
+    ) -> list[int]:
         """Write a batch; returns the versions in input order."""
-        return self._run(self._async.put_many(memories, idempotency_key))
+        return self._run(self._async.put_many(memories, idempotency_key, fence))
 
     def get(self, namespace: Namespace, key: str) -> Memory | None:
         """The memory at (namespace, key) with its vector, or None."""
         return self._run(self._async.get(namespace, key))
 
-    def delete(self, namespace: Namespace, key: str) -> bool:
+    def delete(self, namespace: Namespace, key: str, fence: tuple[str, int] | None = None) -> bool:
         """Delete the memory at (namespace, key); True if it existed."""
-        return self._run(self._async.delete(namespace, key))
+        return self._run(self._async.delete(namespace, key, fence))
 
     def delete_where(
         self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None

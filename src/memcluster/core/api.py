@@ -128,6 +128,8 @@ class CollectionRef(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class PutBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     memories: list[Memory]
     idempotency_key: str | None = None
+    fence: tuple[str, int] | None = None
+    """(lock name, fencing token): written only while the token holds the lock."""
 
 
 class PutCall(PutBody, kw_only=True):
@@ -144,6 +146,14 @@ class KeyBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class KeyCall(KeyBody, kw_only=True):
+    collection: str
+
+
+class DeleteBody(KeyBody, kw_only=True):
+    fence: tuple[str, int] | None = None
+
+
+class DeleteCall(DeleteBody, kw_only=True):
     collection: str
 
 
@@ -196,6 +206,58 @@ class ListCall(ListBody, kw_only=True):
     collection: str
 
 
+# -- coordination: leases, locks, semaphores, counters (no collection) ------------------------
+
+
+class LeaseBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    ttl_s: float
+
+
+class LeaseRef(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    lease: int
+
+
+class LeaseReply(msgspec.Struct):
+    lease: int
+
+
+class KeepaliveReply(msgspec.Struct):
+    expires_at: float
+
+
+class LockBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    ttl_s: float = 10.0
+    timeout_s: float = 30.0
+    lease: int | None = None
+
+
+class SemaphoreBody(LockBody, kw_only=True):
+    permits: int
+
+
+class ReleaseBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    token: int
+
+
+class TokenReply(msgspec.Struct):
+    token: int
+
+
+class CounterBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    key: str
+    delta: int = 1
+
+
+class CounterKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    key: str
+
+
+class CounterReply(msgspec.Struct):
+    value: int
+
+
 class Operation(msgspec.Struct, frozen=True, kw_only=True):
     """One row of the operation table."""
 
@@ -213,6 +275,11 @@ class Operation(msgspec.Struct, frozen=True, kw_only=True):
     """Changes the set of collections (needs the ``admin`` role)."""
     public: bool = False
     """Served without an API key (health probes)."""
+    retry: bool = True
+    """The SDK may resend it after a retryable error. False for operations whose effect
+    would be doubled (an acquire, an increment)."""
+    blocking: bool = False
+    """May wait long (an acquire): served on its own thread pool, with its own timeout."""
 
 
 _C = "/v1/collections/{collection}"
@@ -257,8 +324,8 @@ OPERATIONS: dict[str, Operation] = {
         request=KeyCall, body=KeyBody, reply=GetReply, method="POST", path=_C + "/memories/get"
     ),
     "delete": Operation(
-        request=KeyCall,
-        body=KeyBody,
+        request=DeleteCall,
+        body=DeleteBody,
         reply=DeleteReply,
         method="POST",
         path=_C + "/memories/delete",
@@ -285,5 +352,41 @@ OPERATIONS: dict[str, Operation] = {
     "list": Operation(
         request=ListCall, body=ListBody, reply=Page, method="POST", path=_C + "/memories/list"
     ),
+}
+
+
+def _coord(
+    path: str,
+    body: type[msgspec.Struct],
+    reply: type[msgspec.Struct],
+    *,
+    write: bool = True,
+    retry: bool = True,
+    blocking: bool = False,
+) -> Operation:
+    return Operation(
+        request=body,
+        body=body,
+        reply=reply,
+        method="POST",
+        path=path,
+        write=write,
+        retry=retry,
+        blocking=blocking,
+    )
+
+
+OPERATIONS |= {
+    "leases.grant": _coord("/v1/leases/grant", LeaseBody, LeaseReply, retry=False),
+    "leases.keepalive": _coord("/v1/leases/keepalive", LeaseRef, KeepaliveReply),
+    "leases.revoke": _coord("/v1/leases/revoke", LeaseRef, Empty),
+    "locks.acquire": _coord("/v1/locks/acquire", LockBody, TokenReply, retry=False, blocking=True),
+    "locks.release": _coord("/v1/locks/release", ReleaseBody, Empty),
+    "semaphores.acquire": _coord(
+        "/v1/semaphores/acquire", SemaphoreBody, TokenReply, retry=False, blocking=True
+    ),
+    "semaphores.release": _coord("/v1/semaphores/release", ReleaseBody, Empty),
+    "counters.incr": _coord("/v1/counters/incr", CounterBody, CounterReply, retry=False),
+    "counters.get": _coord("/v1/counters/get", CounterKey, CounterReply, write=False),
 }
 """Every operation by kind: wire types, HTTP route and the role it needs."""

@@ -9,6 +9,18 @@ fields at the end with defaults, never reorder):
     PutOp    = ["p", namespace, key, text, vector, metadata, created_at, updated_at, expires_at]
     DeleteOp = ["d", namespace, key, reason]
 
+The coordination shard (leases, locks, semaphores, counters) writes its own operations into
+records of the same format; its state machine is :mod:`memcluster.shard.coord`::
+
+    LeaseGrantOp   = ["lg", ttl_s, expires_at, owner]      lease id = this op's seq
+    LeaseRenewOp   = ["lk", lease, expires_at]
+    LeaseEndOp     = ["le", lease, reason]                 revoked (USER) or EXPIRED
+    LockGrantOp    = ["lo", name, lease]                   fencing token = this op's seq
+    LockReleaseOp  = ["lr", name, token]
+    PermitGrantOp  = ["so", name, permits, lease]          permit token = this op's seq
+    PermitReleaseOp= ["sr", name, token]
+    CounterOp      = ["ct", key, value]                    the counter's new value
+
 ``vector`` is the raw little-endian float32 bytes; ``metadata`` is the memory's metadata as
 UTF-8 JSON bytes (validated and size-checked once, at the edge, and never re-encoded). Every
 decision that depends on time (timestamps, expiry, which memories to evict) is made once by the
@@ -52,7 +64,73 @@ class DeleteOp(msgspec.Struct, frozen=True, array_like=True, tag="d"):
     reason: DeleteReason = DeleteReason.USER
 
 
-Op = PutOp | DeleteOp
+class LeaseGrantOp(msgspec.Struct, frozen=True, array_like=True, tag="lg"):
+    """Create a lease; its id is the sequence number of this operation."""
+
+    ttl_s: float
+    expires_at: float
+    owner: str = ""
+    """What the lease was made for: "" for a user's lease, "lock:NAME" or "semaphore:NAME" for
+    the implicit lease of a lock or permit acquired with only a TTL."""
+
+
+class LeaseRenewOp(msgspec.Struct, frozen=True, array_like=True, tag="lk"):
+    """Extend a lease (a keepalive)."""
+
+    lease: int
+    expires_at: float
+
+
+class LeaseEndOp(msgspec.Struct, frozen=True, array_like=True, tag="le"):
+    """End a lease, releasing every lock and permit held under it."""
+
+    lease: int
+    reason: DeleteReason = DeleteReason.USER
+
+
+class LockGrantOp(msgspec.Struct, frozen=True, array_like=True, tag="lo"):
+    """Grant lock ``name`` under ``lease``; the fencing token is this operation's seq."""
+
+    name: str
+    lease: int
+
+
+class LockReleaseOp(msgspec.Struct, frozen=True, array_like=True, tag="lr"):
+    name: str
+    token: int
+
+
+class PermitGrantOp(msgspec.Struct, frozen=True, array_like=True, tag="so"):
+    """Grant one of ``permits`` permits of semaphore ``name``; the token is this op's seq."""
+
+    name: str
+    permits: int
+    lease: int
+
+
+class PermitReleaseOp(msgspec.Struct, frozen=True, array_like=True, tag="sr"):
+    name: str
+    token: int
+
+
+class CounterOp(msgspec.Struct, frozen=True, array_like=True, tag="ct"):
+    """Set counter ``key`` to ``value`` (an increment records its result: replay is exact)."""
+
+    key: str
+    value: int
+
+
+CoordOp = (
+    LeaseGrantOp
+    | LeaseRenewOp
+    | LeaseEndOp
+    | LockGrantOp
+    | LockReleaseOp
+    | PermitGrantOp
+    | PermitReleaseOp
+    | CounterOp
+)
+Op = PutOp | DeleteOp | CoordOp
 
 
 class Record(msgspec.Struct, frozen=True, array_like=True):

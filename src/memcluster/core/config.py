@@ -102,6 +102,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_keys_max: int = 100_000
     """Batch idempotency keys remembered per shard (oldest forgotten first)."""
 
+    # -- coordination (leases, locks, semaphores, counters) ----------------------------------
+    lease_ttl_max_s: float = 7 * 86_400.0
+    """Longest TTL a lease (or a lock's or permit's implicit lease) may have."""
+    lock_wait_max_s: float = 3_600.0
+    """Longest ``timeout_s`` an acquire may wait."""
+    coord_waiters_max: int = 1_024
+    """Blocked acquires a server serves at once (each waits on a thread of its own pool)."""
+
     # -- server --------------------------------------------------------------------------------
     request_bytes_max: int = 64 << 20
     """Largest HTTP request body and binary protocol frame (a full batch of 10,000 memories of

@@ -13,10 +13,12 @@ says whose fault an error is and whether retrying can help::
     │   │   └── InvalidFilter        400  unknown operator, wrong operand type
     │   ├── PayloadTooLarge          413  text, metadata, batch or record over its limit
     │   ├── NotFound                 404
-    │   │   └── CollectionNotFound   404
+    │   │   ├── CollectionNotFound   404
+    │   │   └── LeaseExpired         404  the lease ended (revoked or not kept alive)
     │   ├── AlreadyExists            409
     │   │   └── CollectionExists     409
     │   ├── VersionConflict          409  if_version did not match (carries expected/actual)
+    │   ├── StaleToken               409  a fencing token no longer holds its lock
     │   ├── CapacityExceeded         507  full collection with eviction "none"
     │   ├── InvalidState             409  e.g. the database is closed
     │   ├── Unauthenticated          401  no API key, or an unknown one
@@ -101,6 +103,13 @@ class CollectionNotFound(NotFound):
     """No collection has this name."""
 
 
+class LeaseExpired(NotFound):
+    """The lease does not exist any more: it was revoked, or it expired without a keepalive.
+
+    Whatever it held (locks, permits, memories) is gone; grant a new lease and start over.
+    """
+
+
 class AlreadyExists(RequestError):
     """The thing to create exists already."""
 
@@ -120,6 +129,11 @@ class VersionConflict(RequestError):
         super().__init__(message)
         self.expected = expected
         self.actual = actual
+
+
+class StaleToken(RequestError):
+    """A fencing token (or permit token) no longer holds its lock: it was released, or its
+    lease expired and the lock may have a newer holder. The write or release was refused."""
 
 
 class CapacityExceeded(RequestError):
@@ -212,9 +226,11 @@ ERROR_TABLE: dict[type[MemclusterError], ErrorInfo] = {
     PayloadTooLarge: ErrorInfo(False, 413, "payload_too_large"),
     NotFound: ErrorInfo(False, 404, "not_found"),
     CollectionNotFound: ErrorInfo(False, 404, "collection_not_found"),
+    LeaseExpired: ErrorInfo(False, 404, "lease_expired"),
     AlreadyExists: ErrorInfo(False, 409, "already_exists"),
     CollectionExists: ErrorInfo(False, 409, "collection_exists"),
     VersionConflict: ErrorInfo(False, 409, "version_conflict"),
+    StaleToken: ErrorInfo(False, 409, "stale_token"),
     CapacityExceeded: ErrorInfo(False, 507, "capacity_exceeded"),
     InvalidState: ErrorInfo(False, 409, "invalid_state"),
     Unauthenticated: ErrorInfo(False, 401, "unauthenticated"),

@@ -27,15 +27,17 @@ route 404, a body over ``request_bytes_max`` 413, and the engine's own checks gi
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
 from litestar import Litestar, Request, Response, delete, get, post
+from litestar.enums import RequestEncodingType
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.handlers import HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RedocRenderPlugin
-from litestar.params import FromPath, JSONBody
+from litestar.params import Body, FromPath, JSONBody
 
 from memcluster.core import api
 from memcluster.core.api import OPERATIONS
@@ -180,7 +182,7 @@ def build_app(service: Service, *, request_bytes_max: int) -> Litestar:
 
     @post(_route("delete"), status_code=200, summary="Delete one memory")
     async def delete_memory(
-        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.KeyBody]
+        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.DeleteBody]
     ) -> api.DeleteReply:
         result: api.DeleteReply = await call(request, "delete", collection, data)
         return result
@@ -213,8 +215,36 @@ def build_app(service: Service, *, request_bytes_max: int) -> Litestar:
         result: api.SearchReply = await call(request, "search", collection, data)
         return result
 
+    def coordination(kind: str, summary: str) -> HTTPRouteHandler:
+        """A route for an operation without a collection: the body is the whole request."""
+        op = OPERATIONS[kind]
+
+        async def handler(request: Request[Any, Any, Any], data: Any) -> Any:
+            return await call(request, kind, None, data)
+
+        handler.__annotations__ = {
+            "request": Request[Any, Any, Any],
+            "data": Annotated[op.body, Body(media_type=RequestEncodingType.JSON)],
+            "return": op.reply,
+        }
+        handler.__name__ = kind.replace(".", "_")
+        return post(op.path, status_code=200, summary=summary)(handler)
+
+    coordination_routes = [
+        coordination("leases.grant", "Grant a lease of ttl_s seconds"),
+        coordination("leases.keepalive", "Extend a lease by its TTL"),
+        coordination("leases.revoke", "End a lease, releasing what it holds"),
+        coordination("locks.acquire", "Wait (FIFO) for a lock; returns its fencing token"),
+        coordination("locks.release", "Release a lock held with a token"),
+        coordination("semaphores.acquire", "Wait (FIFO) for one of N permits; returns its token"),
+        coordination("semaphores.release", "Give back a permit"),
+        coordination("counters.incr", "Add delta to a counter; returns the new value"),
+        coordination("counters.get", "A counter's value"),
+    ]
+
     return Litestar(
         route_handlers=[
+            *coordination_routes,
             health,
             ready,
             list_collections,

@@ -145,7 +145,13 @@ async def serve(
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = _catch_signals(loop, stop)
-    service = Service(store, node=node, auth=auth, threads=config.request_threads)
+    service = Service(
+        store,
+        node=node,
+        auth=auth,
+        threads=config.request_threads,
+        waiters=config.coord_waiters_max,
+    )
     binary: BinaryServer | None = None
     try:
         app = build_app(service, request_bytes_max=config.request_bytes_max)

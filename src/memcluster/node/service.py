@@ -37,10 +37,15 @@ class StoreCollection(Protocol):
     config: CollectionConfig
 
     def put_many(
-        self, memories: Sequence[Memory], idempotency_key: str | None = None
+        self,
+        memories: Sequence[Memory],
+        idempotency_key: str | None = None,
+        fence: tuple[str, int] | None = None,
     ) -> list[int]: ...
     def get(self, namespace: tuple[str, ...], key: str) -> Memory | None: ...
-    def delete(self, namespace: tuple[str, ...], key: str) -> bool: ...
+    def delete(
+        self, namespace: tuple[str, ...], key: str, fence: tuple[str, int] | None = None
+    ) -> bool: ...
     def delete_where(
         self, namespace: tuple[str, ...] | None = None, filter: Mapping[str, Any] | None = None
     ) -> int: ...
@@ -73,6 +78,24 @@ class Store(Protocol):
     def collection(self, name: str) -> StoreCollection: ...
     def list_collections(self) -> list[str]: ...
     def drop_collection(self, name: str) -> None: ...
+    def grant_lease(self, ttl_s: float) -> int: ...
+    def keepalive(self, lease: int) -> float: ...
+    def revoke(self, lease: int) -> None: ...
+    def acquire_lock(
+        self, name: str, ttl_s: float = 10.0, timeout_s: float = 30.0, lease: int | None = None
+    ) -> int: ...
+    def release_lock(self, name: str, token: int) -> None: ...
+    def acquire_semaphore(
+        self,
+        name: str,
+        permits: int,
+        ttl_s: float = 10.0,
+        timeout_s: float = 30.0,
+        lease: int | None = None,
+    ) -> int: ...
+    def release_semaphore(self, name: str, token: int) -> None: ...
+    def incr(self, key: str, delta: int = 1) -> int: ...
+    def counter(self, key: str) -> int: ...
 
 
 def _namespaces(kind: str, body: msgspec.Struct) -> Iterator[tuple[str, ...] | None]:
@@ -87,13 +110,16 @@ def _namespaces(kind: str, body: msgspec.Struct) -> Iterator[tuple[str, ...] | N
 class Service:
     """Serves every operation of :data:`memcluster.core.api.OPERATIONS` on one store."""
 
-    def __init__(self, store: Store, *, node: str, auth: Auth, threads: int) -> None:
+    def __init__(self, store: Store, *, node: str, auth: Auth, threads: int, waiters: int) -> None:
         self.store = store
         self.node = node
         self.auth = auth
         self.stopping = False
         """Set when a graceful shutdown begins: health reports "stopping", not ready."""
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="memcluster-req")
+        # Acquires block until granted or timed out: their own pool, so that waiters cannot
+        # take every request thread.
+        self._waits = ThreadPoolExecutor(max_workers=waiters, thread_name_prefix="memcluster-wait")
         self._handlers: dict[str, Callable[[str, Any], msgspec.Struct]] = {
             "collections.create": self._create,
             "collections.describe": lambda c, _: self.store.collection(c).describe(),
@@ -105,11 +131,37 @@ class Service:
             "count": self._count,
             "search": self._search,
             "list": self._list,
+            "leases.grant": lambda _, b: api.LeaseReply(self.store.grant_lease(b.ttl_s)),
+            "leases.keepalive": lambda _, b: api.KeepaliveReply(self.store.keepalive(b.lease)),
+            "leases.revoke": self._revoke,
+            "locks.acquire": lambda _, b: api.TokenReply(
+                self.store.acquire_lock(b.name, b.ttl_s, b.timeout_s, b.lease)
+            ),
+            "locks.release": self._release_lock,
+            "semaphores.acquire": lambda _, b: api.TokenReply(
+                self.store.acquire_semaphore(b.name, b.permits, b.ttl_s, b.timeout_s, b.lease)
+            ),
+            "semaphores.release": self._release_semaphore,
+            "counters.incr": lambda _, b: api.CounterReply(self.store.incr(b.key, b.delta)),
+            "counters.get": lambda _, b: api.CounterReply(self.store.counter(b.key)),
         }
 
     def close(self) -> None:
-        """Wait for running engine calls, then stop the pool."""
+        """Wait for running engine calls, then stop the pools."""
         self._pool.shutdown(wait=True)
+        self._waits.shutdown(wait=True)
+
+    def _revoke(self, _: str, body: api.LeaseRef) -> api.Empty:
+        self.store.revoke(body.lease)
+        return api.Empty()
+
+    def _release_lock(self, _: str, body: api.ReleaseBody) -> api.Empty:
+        self.store.release_lock(body.name, body.token)
+        return api.Empty()
+
+    def _release_semaphore(self, _: str, body: api.ReleaseBody) -> api.Empty:
+        self.store.release_semaphore(body.name, body.token)
+        return api.Empty()
 
     def health(self) -> api.Health:
         return api.Health(
@@ -141,7 +193,8 @@ class Service:
         handler = self._handlers[kind]
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._pool, functools.partial(handler, collection or "", body)
+            self._waits if op.blocking else self._pool,
+            functools.partial(handler, collection or "", body),
         )
 
     # -- handlers: one engine call each ---------------------------------------------------------
@@ -155,13 +208,14 @@ class Service:
 
     def _put(self, collection: str, body: api.PutBody) -> api.PutReply:
         coll = self.store.collection(collection)
-        return api.PutReply(coll.put_many(body.memories, body.idempotency_key))
+        return api.PutReply(coll.put_many(body.memories, body.idempotency_key, body.fence))
 
     def _get(self, collection: str, body: api.KeyBody) -> api.GetReply:
         return api.GetReply(self.store.collection(collection).get(body.namespace, body.key))
 
-    def _delete(self, collection: str, body: api.KeyBody) -> api.DeleteReply:
-        return api.DeleteReply(self.store.collection(collection).delete(body.namespace, body.key))
+    def _delete(self, collection: str, body: api.DeleteBody) -> api.DeleteReply:
+        coll = self.store.collection(collection)
+        return api.DeleteReply(coll.delete(body.namespace, body.key, body.fence))
 
     def _delete_where(self, collection: str, body: api.ScopeBody) -> api.CountReply:
         coll = self.store.collection(collection)

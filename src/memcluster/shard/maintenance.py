@@ -11,17 +11,27 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from memcluster.core.config import Config
-from memcluster.shard.shard import Shard
 
 log = logging.getLogger("memcluster.maintenance")
+
+
+class Maintained(Protocol):
+    """Anything with background work: a collection shard, the coordination shard."""
+
+    name: str
+
+    def maintain(self) -> bool:
+        """One step of background work; True if there may be more to do right away."""
+        ...
 
 
 class Maintainer:
     """Runs ``shard.maintain()`` for the shards that ``shards()`` returns, until stopped."""
 
-    def __init__(self, shards: Callable[[], Sequence[Shard]], config: Config) -> None:
+    def __init__(self, shards: Callable[[], Sequence[Maintained]], config: Config) -> None:
         self._shards = shards
         self._config = config
         self._stop = threading.Event()

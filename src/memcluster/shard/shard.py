@@ -46,7 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from memcluster.core.clock import Clock
-from memcluster.core.codec import DeleteOp, DeleteReason, PutOp, Record
+from memcluster.core.codec import DeleteOp, DeleteReason, Op, PutOp, Record
 from memcluster.core.config import Config
 from memcluster.core.errors import (
     CapacityExceeded,
@@ -252,8 +252,13 @@ class Shard:
             if isinstance(op, PutOp):
                 self._apply_put(op, record.seq + i)
                 versions.append(record.seq + i)
-            else:
+            elif isinstance(op, DeleteOp):
                 self._apply_delete(op)
+            else:
+                raise CorruptionError(
+                    f"{self.name}: record for seq {record.seq + i} holds a coordination"
+                    f" operation ({type(op).__name__}), which no collection shard writes"
+                )
         if record.idem is not None:
             self._remember_idem(record.idem, versions)
         self.applied_seq = record.last_seq
@@ -423,7 +428,7 @@ class Shard:
                 )
             )
         self._check_paths(items)
-        ops: list[PutOp | DeleteOp] = []
+        ops: list[Op] = []
         ops.extend(self._victims(puts, now))
         ops.extend(puts)
         return Record(seq=self.applied_seq + 1, ts=now, ops=ops, idem=idem)
@@ -477,7 +482,7 @@ class Shard:
             token = -1
             step = self.config.batch_items_max
             for start in range(0, len(slots), step):
-                ops: list[PutOp | DeleteOp] = [
+                ops: list[Op] = [
                     DeleteOp(self._ns_list[self._ns[s]], self._slot_key[s] or "")
                     for s in slots[start : start + step].tolist()
                 ]
@@ -794,7 +799,7 @@ class Shard:
             if len(expired) == 0:
                 return False
             batch = expired[: self.config.expire_batch_items_max]
-            ops: list[PutOp | DeleteOp] = [
+            ops: list[Op] = [
                 DeleteOp(self._ns_list[self._ns[s]], self._slot_key[s] or "", DeleteReason.EXPIRED)
                 for s in batch.tolist()
             ]
