@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -31,6 +32,11 @@ class _ScriptedTransport:
         if self.errors:
             raise self.errors.pop(0)
         return api.CollectionList(["m"])
+
+    def stream(
+        self, kind: str, collection: str | None, body: msgspec.Struct, item: Any
+    ) -> AsyncIterator[Any]:
+        raise AssertionError("no streams in these tests")
 
     async def close(self) -> None:
         pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -461,7 +462,7 @@ def test_data_survives_snapshot_and_replay(tmp_path: Path, config: Config) -> No
 
 
 def test_snapshot_drops_the_wal_it_covers(tmp_path: Path) -> None:
-    config = Config(background=False, wal_segment_bytes=4096)
+    config = Config(background=False, wal_segment_bytes=4096, feed_retention_events=100)
     with memcluster.open(tmp_path, config) as db:
         coll = db.create_collection("m", dim=32)
         data = rand_vectors(400, 32)
@@ -479,6 +480,7 @@ def test_snapshot_drops_the_wal_it_covers(tmp_path: Path) -> None:
 
 
 def test_a_snapshot_drops_all_the_wal_it_covers(tmp_path: Path, config: Config) -> None:
+    config = msgspec.structs.replace(config, feed_retention_events=0)
     with memcluster.open(tmp_path, config) as db:
         coll = db.create_collection("m", dim=4)
         coll.put_many(

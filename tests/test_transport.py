@@ -16,8 +16,8 @@ import re
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import aclosing, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,10 +27,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memcluster.core.api import ErrorBody, SearchCall
+from memcluster.core.api import CountReply, Empty, ErrorBody, SearchCall
 from memcluster.core.errors import (
     InvalidArgument,
     MemclusterError,
+    Overloaded,
     PayloadTooLarge,
     ProtocolError,
     Timeout,
@@ -38,7 +39,7 @@ from memcluster.core.errors import (
     Unreachable,
     VersionConflict,
 )
-from memcluster.transport.connection import BinaryServer, Connection
+from memcluster.transport.connection import BinaryServer, Connection, Dispatcher
 from memcluster.transport.frames import (
     HELLO_FRAME_BYTES_MAX,
     MAX_FRAME_BYTES_DEFAULT,
@@ -80,6 +81,9 @@ def golden_frames() -> list[bytes]:
     return [
         encode_frame(7, "search", search),
         encode_frame(0, "hello", Hello(versions=[1], api_key=None)),
+        encode_frame(9, "item", CountReply(count=3)),
+        encode_frame(9, "end", Empty()),
+        encode_frame(9, "cancel", Empty()),
     ]
 
 
@@ -105,12 +109,37 @@ class Sleep(msgspec.Struct):
     delay_s: float
 
 
+class Feed(msgspec.Struct):
+    """The body of the toy's one streaming kind, ``feed``."""
+
+    tag: int
+    n: int | None = None
+    """How many items; None: without end."""
+    fail_at: int | None = None
+    """Raise VersionConflict instead of yielding item ``fail_at``."""
+    bug_at: int | None = None
+    """Raise KeyError (a bug) instead of yielding item ``bug_at``."""
+    pad: int = 0
+    """Characters of padding in every item."""
+    delay_s: float = 0.0
+    """Sleep before each item."""
+
+
+class Item(msgspec.Struct):
+    tag: int
+    seq: int
+    text: str = ""
+
+
 class Toy:
     """A dispatcher with one behaviour per kind; it counts calls and concurrent calls.
 
     echo: returns its body. sleep: sleeps ``delay_s``, then echoes the tag. big: echoes the tag
     with 2 KiB of text. vector: returns its SearchCall body. whoami: returns the session.
     conflict: raises VersionConflict(expected=3, actual=5). bug: raises KeyError.
+    feed (a stream, see :class:`Feed`): yields ``Item(tag, 0)``, ``Item(tag, 1)``, ...; it
+    records per tag how many items it produced, and which feeds were closed (their
+    ``finally`` ran).
     """
 
     def __init__(self, *, api_key: str | None = None) -> None:
@@ -119,6 +148,8 @@ class Toy:
         self.active = 0
         self.max_active = 0
         self.finished: list[int] = []
+        self.produced: dict[int, int] = {}
+        self.closed: list[int] = []
 
     def hello(self, hello: Hello) -> object:
         if self.api_key is not None and hello.api_key != self.api_key:
@@ -157,9 +188,45 @@ class Toy:
             case _:
                 raise InvalidArgument(f"toy: unknown kind {envelope.kind!r}")
 
+    def is_stream(self, kind: str) -> bool:
+        return kind == "feed"
+
+    async def stream(self, session: object, envelope: Envelope) -> AsyncIterator[Any]:
+        feed = decode_body(envelope, Feed)
+        self.produced[feed.tag] = 0
+        try:
+            for seq in itertools.count() if feed.n is None else range(feed.n):
+                if seq == feed.fail_at:
+                    raise VersionConflict(
+                        "toy: feed version 3 expected, 5 stored", expected=3, actual=5
+                    )
+                if seq == feed.bug_at:
+                    missing: dict[int, Item] = {}
+                    yield missing[seq]  # KeyError: a bug
+                if feed.delay_s:
+                    await asyncio.sleep(feed.delay_s)
+                self.produced[feed.tag] = seq + 1
+                yield Item(tag=feed.tag, seq=seq, text="x" * feed.pad)
+        finally:
+            self.closed.append(feed.tag)
+
+
+class Plain:
+    """A dispatcher without the streaming methods (as the node's was): the toy's hello and
+    call only."""
+
+    def __init__(self) -> None:
+        self.toy = Toy()
+
+    def hello(self, hello: Hello) -> object:
+        return self.toy.hello(hello)
+
+    async def call(self, session: object, envelope: Envelope) -> Any:
+        return await self.toy.call(session, envelope)
+
 
 @asynccontextmanager
-async def serving(dispatcher: Toy, **options: Any) -> AsyncIterator[BinaryServer]:
+async def serving(dispatcher: Dispatcher, **options: Any) -> AsyncIterator[BinaryServer]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
@@ -209,6 +276,38 @@ async def eventually(condition: Any, what: str, timeout_s: float = 2.0) -> None:
         await asyncio.sleep(0.005)
 
 
+async def read_until(
+    reader: asyncio.StreamReader,
+    decoder: FrameDecoder,
+    frames: list[Envelope],
+    condition: Callable[[list[Envelope]], bool],
+) -> None:
+    """Read frames into ``frames`` until ``condition(frames)`` holds."""
+    while not condition(frames):
+        data = await reader.read(1 << 16)
+        assert data, "the server closed the connection"
+        frames.extend(decoder.feed(data))
+
+
+async def collect(items: AsyncIterator[T], into: list[T]) -> None:
+    """Append the items of ``items`` to ``into``, which keeps them if the iteration raises."""
+    async for item in items:
+        into.append(item)
+
+
+async def stalled(count: Callable[[], int], what: str, quiet_s: float = 0.2) -> int:
+    """Wait until ``count()`` has not changed for ``quiet_s``; return it. Fails after 2 s."""
+    deadline = time.monotonic() + 2.0
+    last, since = count(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        if time.monotonic() > deadline:
+            pytest.fail(f"still advancing after 2 s: {what}")
+        await asyncio.sleep(0.01)
+        if count() != last:
+            last, since = count(), time.monotonic()
+    return last
+
+
 HELLO_FRAME = encode_frame(0, "hello", Hello(versions=[PROTOCOL_VERSION]))
 
 
@@ -220,8 +319,15 @@ def test_golden_frames_match_the_pinned_bytes() -> None:
 
 
 def test_golden_frames_decode_back_to_their_fields() -> None:
-    search, hello = FrameDecoder().feed(b"".join(read_golden()))
+    search, hello, item, end, cancel = FrameDecoder().feed(b"".join(read_golden()))
     assert (search.id, search.kind, hello.id, hello.kind) == (7, "search", 0, "hello")
+    assert [(frame.id, frame.kind) for frame in (item, end, cancel)] == [
+        (9, "item"),
+        (9, "end"),
+        (9, "cancel"),
+    ]
+    assert decode_body(item, CountReply) == CountReply(count=3)
+    assert bytes(end.body) == bytes(cancel.body) == b"\x80"  # an empty map
     call = decode_body(search, SearchCall)
     assert call.collection == "memories"
     assert call.k == 3
@@ -253,7 +359,7 @@ def test_decoder_reassembles_frames_split_at_every_byte() -> None:
     frames = [*read_golden(), encode_frame(2**40, "ok", Echo(tag=-1, text="é" * 30))]
     stream = b"".join(frames)
     expected = [fields(envelope) for envelope in FrameDecoder().feed(stream)]
-    assert len(expected) == 3
+    assert len(expected) == len(frames)
     for cut in range(len(stream) + 1):
         decoder = FrameDecoder()
         envelopes = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
@@ -873,5 +979,354 @@ def test_close_cancels_requests_still_running_after_the_grace_period() -> None:
             with pytest.raises(Unreachable):
                 await request
             await conn.close()
+
+    run(main())
+
+
+# -- end to end: streams -----------------------------------------------------------------------
+
+
+def test_stream_of_1000_items_arrives_in_order_interleaved_with_100_requests() -> None:
+    """Goal: a stream's items arrive complete and in order while ordinary requests share its
+    connection. Method: the consumer sends a request on the same connection after every
+    tenth item, so replies and items interleave on the wire for the whole stream."""
+
+    async def main() -> None:
+        toy = Toy()
+        async with serving(toy) as server, await connect(server) as conn:
+            items: list[Item] = []
+            replies: list[Echo] = []
+            async for item in conn.stream("feed", Feed(tag=7, n=1000), Item):
+                items.append(item)
+                if item.seq % 10 == 0:
+                    replies.append(await conn.request("echo", Echo(tag=item.seq), Echo))
+            assert items == [Item(tag=7, seq=seq) for seq in range(1000)]
+            assert [reply.tag for reply in replies] == list(range(0, 1000, 10))
+            assert (conn.streams, conn.pending) == (0, 0)
+            await eventually(lambda: server.in_flight == 0, "the stream task finished")
+            assert toy.closed == [7]
+
+    run(main())
+
+
+def test_concurrent_streams_on_one_connection_each_get_their_own_items() -> None:
+    async def main() -> None:
+        toy = Toy()
+        async with serving(toy) as server, await connect(server) as conn:
+
+            async def consume(tag: int) -> list[Item]:
+                feed = Feed(tag=tag, n=50 * tag, pad=tag)
+                return [item async for item in conn.stream("feed", feed, Item)]
+
+            *streams, replies = await asyncio.gather(
+                *(consume(tag) for tag in range(1, 9)),
+                asyncio.gather(*(conn.request("echo", Echo(tag=i), Echo) for i in range(50))),
+            )
+            for tag, items in enumerate(streams, start=1):
+                assert items == [Item(tag, seq, "x" * tag) for seq in range(50 * tag)]
+            assert replies == [Echo(tag=i) for i in range(50)]
+            assert sorted(toy.closed) == list(range(1, 9))
+            assert conn.streams == 0
+
+    run(main())
+
+
+def test_error_mid_stream_arrives_as_its_exception_after_the_items_before_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        toy = Toy()
+        async with serving(toy, max_frame_bytes=4096) as server, await connect(server) as conn:
+            seen: list[Item] = []
+            with pytest.raises(VersionConflict) as conflict:
+                await collect(conn.stream("feed", Feed(tag=1, n=10, fail_at=4), Item), seen)
+            assert [item.seq for item in seen] == [0, 1, 2, 3]
+            assert str(conflict.value) == "toy: feed version 3 expected, 5 stored"
+            assert (conflict.value.expected, conflict.value.actual) == (3, 5)
+
+            seen.clear()
+            with pytest.raises(MemclusterError) as bug:
+                await collect(conn.stream("feed", Feed(tag=2, n=10, bug_at=2), Item), seen)
+            assert [item.seq for item in seen] == [0, 1]
+            assert (type(bug.value), bug.value.code) == (MemclusterError, "internal")
+            assert str(bug.value) == (
+                "internal error serving feed: KeyError: 2; this is a bug, please report it"
+            )
+
+            seen.clear()
+            with pytest.raises(InvalidArgument, match=r"^feed: Expected `int`, got `str`"):
+                await collect(conn.stream("feed", {"tag": "three"}, Item), seen)
+            assert seen == []
+
+            big = Feed(tag=4, n=3, pad=5000)
+            with pytest.raises(PayloadTooLarge, match=r"item 1 of the feed stream is \d+ bytes"):
+                await collect(conn.stream("feed", big, Item), seen)
+            assert seen == []
+
+            assert await conn.request("echo", Echo(tag=5), Echo) == Echo(tag=5)
+            assert conn.streams == 0
+            await eventually(lambda: server.in_flight == 0, "the stream tasks finished")
+            assert sorted(toy.closed) == [1, 2, 4]
+
+    with caplog.at_level(logging.ERROR, logger="memcluster.transport"):
+        run(main())
+    (record,) = caplog.records
+    assert record.exc_info is not None
+    assert record.exc_info[0] is KeyError
+
+
+def test_leaving_a_stream_early_stops_its_producer_and_the_connection_keeps_working() -> None:
+    """Goal: a consumer that leaves a stream (break, aclose, its task cancelled) makes the
+    server stop and close the producer, without disturbing the connection. Method: endless
+    feeds, left in each of the three ways; the toy records each feed whose ``finally`` ran."""
+
+    async def main() -> None:
+        toy = Toy()
+        async with serving(toy) as server, await connect(server) as conn:
+            async for item in conn.stream("feed", Feed(tag=1), Item):
+                if item.seq == 2:
+                    break
+            await eventually(lambda: toy.closed == [1], "the producer of feed 1 was closed")
+
+            async with aclosing(conn.stream("feed", Feed(tag=2), Item)) as items:
+                async for item in items:
+                    if item.seq == 5:
+                        break
+            assert conn.streams == 0  # forgotten at once; the cancel is on its way
+            await eventually(lambda: toy.closed == [1, 2], "the producer of feed 2 was closed")
+
+            async def wait_forever() -> None:
+                async for _ in conn.stream("feed", Feed(tag=3, delay_s=30), Item):
+                    pytest.fail("no item expected")
+
+            waiting = asyncio.create_task(wait_forever())
+            await eventually(lambda: 3 in toy.produced, "feed 3 started")
+            waiting.cancel()
+            with suppress(asyncio.CancelledError):
+                await waiting
+            await eventually(lambda: toy.closed == [1, 2, 3], "the producer of feed 3 was closed")
+
+            await eventually(lambda: server.in_flight == 0, "no stream runs on the server")
+            assert server.streams == 0
+            produced = dict(toy.produced)
+            await asyncio.sleep(0.05)
+            assert toy.produced == produced, "a producer went on after its stream was left"
+            assert await conn.request("echo", Echo(tag=4), Echo) == Echo(tag=4)
+            items_ = [item.seq async for item in conn.stream("feed", Feed(tag=5, n=3), Item)]
+            assert items_ == [0, 1, 2]
+            assert (conn.streams, conn.pending, conn.closed) == (0, 0, False)
+
+    run(main())
+
+
+def test_cancel_gets_an_end_frame_and_a_cancel_naming_no_running_stream_is_ignored() -> None:
+    """Goal: pin the wire behaviour of cancel. Method: a raw client starts an endless stream,
+    cancels an id that was never used, reads a few items, cancels the stream (the final frame
+    must be "end", after any items already on their way), then cancels it again and sends a
+    request: only that request's reply may follow."""
+
+    async def main() -> None:
+        toy = Toy()
+        async with serving(toy) as server:
+            reader, writer = await raw_connect(server.port)
+            decoder = FrameDecoder()
+            frames: list[Envelope] = []
+            writer.write(HELLO_FRAME + encode_frame(1, "feed", Feed(tag=1, delay_s=0.001)))
+            writer.write(encode_frame(99, "cancel", Empty()))
+            await read_until(reader, decoder, frames, lambda got: len(got) >= 4)
+            writer.write(encode_frame(1, "cancel", Empty()) + encode_frame(2, "echo", Echo(2)))
+            await read_until(reader, decoder, frames, lambda got: (1, "end") in ids(got[1:]))
+            await read_until(reader, decoder, frames, lambda got: (2, "ok") in ids(got[1:]))
+            writer.write(encode_frame(1, "cancel", Empty()) + encode_frame(3, "echo", Echo(3)))
+            await read_until(reader, decoder, frames, lambda got: (3, "ok") in ids(got[1:]))
+            await close_raw(writer)
+
+            welcome, *rest = ids(frames)
+            assert welcome == (0, "welcome")
+            stream = [kind for id_, kind in rest if id_ == 1]
+            assert stream[-1] == "end"
+            assert set(stream[:-1]) == {"item"}
+            assert [id_ for id_, kind in rest if id_ != 1] == [2, 3]
+            assert toy.closed == [1]
+
+    def ids(frames: list[Envelope]) -> list[tuple[int, str]]:
+        return [(frame.id, frame.kind) for frame in frames]
+
+    run(main())
+
+
+def test_connection_lost_mid_stream_raises_unreachable_after_the_items_received() -> None:
+    """Goal: a consumer sees a lost connection as Unreachable, after the items that did
+    arrive, whether the server drops the connection or the client closes it. Method: a fake
+    server that sends three items and hangs up; then the real server, and a client that
+    closes its connection under a consumer (the server must then close the producer)."""
+
+    async def fake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 16)
+        writer.write(encode_frame(0, "welcome", Welcome(version=1, node="f", max_frame_bytes=99)))
+        await reader.read(1 << 16)
+        writer.write(b"".join(encode_frame(1, "item", Item(tag=1, seq=seq)) for seq in range(3)))
+        writer.close()
+
+    async def main() -> None:
+        fake_server = await asyncio.start_server(fake, "127.0.0.1", 0)
+        port = fake_server.sockets[0].getsockname()[1]
+        async with fake_server, await Connection.open("127.0.0.1", port) as conn:
+            seen: list[Item] = []
+            with pytest.raises(Unreachable, match=r"lost \(the server closed it\)"):
+                await collect(conn.stream("feed", Feed(tag=1), Item), seen)
+            assert seen == [Item(tag=1, seq=seq) for seq in range(3)]
+            assert conn.closed
+            with pytest.raises(Unreachable):
+                await anext(conn.stream("feed", Feed(tag=1), Item))
+
+        toy = Toy()
+        async with serving(toy) as server:
+            conn = await connect(server)
+            first = asyncio.Event()
+
+            async def consume() -> None:
+                async for _ in conn.stream("feed", Feed(tag=2, delay_s=0.01), Item):
+                    first.set()
+
+            consumer = asyncio.create_task(consume())
+            await first.wait()
+            await conn.close()
+            with pytest.raises(Unreachable, match=r"lost \(closed by this client\)"):
+                await consumer
+            await eventually(lambda: toy.closed == [2], "the server closed the producer")
+            await eventually(lambda: server.in_flight == 0, "no stream runs on the server")
+
+    run(main())
+
+
+def test_server_close_ends_endless_streams_at_once_while_requests_finish() -> None:
+    """Goal: shutting down does not wait for streams (they may never end): each consumer
+    raises Unreachable promptly, while a request in flight still gets its reply. Method: a
+    busy stream and an idle one, and a request sleeping 0.5 s, then close with 3 s of grace:
+    both streams must end well before the request does."""
+
+    async def main() -> None:
+        toy = Toy()
+        async with serving(toy) as server, await connect(server) as conn:
+            counts = {1: 0, 2: 0}
+
+            async def consume(feed: Feed) -> None:
+                async for _ in conn.stream("feed", feed, Item):
+                    counts[feed.tag] += 1
+
+            busy = asyncio.create_task(consume(Feed(tag=1, delay_s=0.002)))
+            idle = asyncio.create_task(consume(Feed(tag=2, delay_s=30)))
+            request = asyncio.create_task(conn.request("sleep", Sleep(tag=3, delay_s=0.5), Echo))
+            await eventually(lambda: counts[1] >= 3 and server.in_flight == 3, "all started")
+
+            started = time.monotonic()
+            closing = asyncio.create_task(server.close(grace_s=3.0))
+            for consumer in (busy, idle):
+                with pytest.raises(Unreachable, match="toy-node is shutting down; the feed"):
+                    await consumer
+            assert time.monotonic() - started < 0.3
+            assert not request.done()
+            assert sorted(toy.closed) == [1, 2]
+            assert await request == Echo(tag=3)
+            await closing
+            assert time.monotonic() - started < 1.5
+            assert (server.in_flight, server.connections) == (0, 0)
+
+    run(main())
+
+
+def test_streams_beyond_max_streams_are_refused_as_overloaded() -> None:
+    """Goal: a connection runs at most ``max_streams`` streams; one more is refused at once.
+    Method: two slow endless feeds hold both places. (Slow, because this task stops consuming
+    them while it waits on the same connection: fast ones would fill their client buffers and
+    stall the connection, as documented.)"""
+
+    async def main() -> None:
+        async with serving(Toy(), max_streams=2) as server, await connect(server) as conn:
+            one = conn.stream("feed", Feed(tag=1, delay_s=0.05), Item)
+            two = conn.stream("feed", Feed(tag=2, delay_s=0.05), Item)
+            assert (await anext(one), await anext(two)) == (Item(1, 0), Item(2, 0))
+            with pytest.raises(Overloaded, match="2 streams are running on this connection"):
+                await anext(conn.stream("feed", Feed(tag=3), Item))
+            await one.aclose()
+            await eventually(lambda: server.streams == 1, "stream 1 ended on the server")
+            assert [item.seq async for item in conn.stream("feed", Feed(4, n=2), Item)] == [0, 1]
+            await two.aclose()
+
+    run(main())
+
+
+def test_dispatcher_without_stream_methods_serves_every_kind_as_a_request() -> None:
+    """Goal: the node's dispatcher, which has only hello and call, keeps working; a stream
+    asked of it gets whatever call answers. Method: a dispatcher with the toy's hello and
+    call only."""
+
+    async def main() -> None:
+        async with serving(Plain()) as server, await connect(server) as conn:
+            assert await conn.request("echo", Echo(tag=1), Echo) == Echo(tag=1)
+            with pytest.raises(InvalidArgument, match="toy: unknown kind 'feed'"):
+                await anext(conn.stream("feed", Feed(tag=1), Item))
+            with pytest.raises(ProtocolError, match="kind 'ok' in the echo stream"):
+                await anext(conn.stream("echo", Echo(tag=2), Item))
+            assert conn.streams == 0
+            assert await conn.request("echo", Echo(tag=3), Echo) == Echo(tag=3)
+
+    run(main())
+
+
+def test_stream_producer_waits_for_a_client_that_does_not_read() -> None:
+    """Goal: a client that stops reading a stream's items stops its producer, instead of
+    making the server buffer them. Method: a raw socket with a small receive buffer asks for
+    an endless feed of 1 KiB items and reads nothing: the producer must come to a halt (after
+    filling the socket buffers, a few MiB at most), and go on once the client reads."""
+
+    async def main() -> None:
+        toy = Toy()
+        async with serving(toy) as server:
+            reader, writer = await raw_connect(server.port, receive_buffer_bytes=16 << 10)
+            writer.write(HELLO_FRAME + encode_frame(1, "feed", Feed(tag=1, pad=1024)))
+            halted = await stalled(lambda: toy.produced.get(1, 0), "the producer of feed 1")
+            # The socket buffers hold a few thousand 1 KiB items (about 3,700 on Linux with
+            # default settings); 50,000 would be 50 MiB held for one client.
+            assert 0 < halted < 50_000
+            assert server.in_flight == 1
+            for _ in range(100):
+                assert await reader.read(1 << 16)
+            await eventually(lambda: toy.produced[1] > halted, "the producer went on")
+            await close_raw(writer)
+            await eventually(lambda: toy.closed == [1], "the producer was closed")
+
+    run(main())
+
+
+def test_stream_consumer_that_pauses_stops_its_producer_and_stalls_its_connection() -> None:
+    """Goal: a consumer that stops taking items slows its producer down through TCP, with
+    the documented price: its connection stalls, and other connections do not. Method: a
+    client holding 64 items per stream; the consumer takes 10 items and pauses. The producer
+    must halt, a request on the same connection must time out, one on another connection
+    must not; once the consumer goes on, everything does."""
+
+    async def main() -> None:
+        toy = Toy()
+        async with (
+            serving(toy) as server,
+            await connect(server, stream_buffer_items=64) as conn,
+            await connect(server) as other,
+        ):
+            items = conn.stream("feed", Feed(tag=1, pad=1024), Item)
+            assert [(await anext(items)).seq for _ in range(10)] == list(range(10))
+            halted = await stalled(lambda: toy.produced[1], "the producer of feed 1")
+            assert halted < 50_000  # 64 held by the client, the rest in the socket buffers
+            with pytest.raises(Timeout):
+                await conn.request("echo", Echo(tag=1), Echo, timeout_s=0.1)
+            assert await other.request("echo", Echo(tag=2), Echo) == Echo(tag=2)
+
+            for seq in range(10, halted + 100):
+                assert (await anext(items)).seq == seq
+            assert toy.produced[1] > halted
+            await items.aclose()
+            assert await conn.request("echo", Echo(tag=3), Echo, timeout_s=1.0) == Echo(tag=3)
+            await eventually(lambda: toy.closed == [1], "the producer was closed")
 
     run(main())

@@ -31,15 +31,17 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import msgspec
 
+from memcluster.client.blackboard import Blackboard
 from memcluster.core import validation
 from memcluster.core.api import Consistency
 from memcluster.core.clock import Clock, SystemClock
@@ -59,14 +61,17 @@ from memcluster.core.types import (
     CollectionInfo,
     CollectionStats,
     Durability,
+    Event,
     Eviction,
     Hit,
     Memory,
+    Message,
     Metric,
     Page,
 )
 from memcluster.index.filters import Filter, compile_filter
 from memcluster.shard.coord import CoordShard
+from memcluster.shard.feed import FeedReader, TopicReader, encode_cursor
 from memcluster.shard.maintenance import Maintained, Maintainer
 from memcluster.shard.shard import PreparedPut, Shard
 from memcluster.storage.files import fsync_path
@@ -237,6 +242,50 @@ class Database:
         self._check_open()
         self._coord.release_lock(name, token)
 
+    # -- topics --------------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: Any) -> int:
+        """Send ``payload`` (any JSON value) to every subscriber of ``topic``; returns its seq.
+
+        Topics are durable: messages are kept like change-feed events
+        (``feed_retention_events``), so a subscriber resumes from a cursor with no gap."""
+        self._check_open()
+        return self._coord.publish(topic, _encode_payload(payload, self.config))
+
+    def subscribe(
+        self,
+        topic: str,
+        cursor: str | None = None,
+        group: str | None = None,
+        idle_timeout_s: float | None = None,
+    ) -> Iterator[Message]:
+        """The messages of ``topic``, as they are published: from now (``cursor=None``) or
+        right after a message's ``cursor``. Blocks between messages; ends when the database
+        closes or after ``idle_timeout_s`` without one. Consumer groups (``group``) are not
+        supported yet."""
+        reader = self.topic_reader(topic, cursor, group)
+        wake = threading.Event()
+        reader.listen(wake.set)
+        try:
+            yield from _follow(reader.poll, wake, lambda: self._closed, idle_timeout_s)
+        finally:
+            reader.unlisten(wake.set)
+
+    def topic_reader(
+        self, topic: str, cursor: str | None = None, group: str | None = None
+    ) -> TopicReader:
+        """The non-blocking reader under :meth:`subscribe`, for servers."""
+        self._check_open()
+        validation.key(topic, self.config)
+        if group is not None:
+            raise InvalidArgument("consumer groups are not supported yet: subscribe without group=")
+        return TopicReader(self._coord, topic, cursor, self.config.feed_batch_events)
+
+    def blackboard(self, collection: str, board: Sequence[str]) -> Blackboard:
+        """The namespace ``board`` of ``collection`` as a blackboard (see
+        :mod:`memcluster.client.blackboard`): watch it, or register knowledge sources."""
+        return Blackboard(self, collection, board)
+
     @contextlib.contextmanager
     def lock(
         self, name: str, ttl_s: float = 10.0, timeout_s: float = 30.0, lease: int | None = None
@@ -380,6 +429,47 @@ class Database:
         coll.path.rename(graveyard)
         fsync_path(graveyard.parent)
         shutil.rmtree(graveyard, ignore_errors=True)
+
+
+T = TypeVar("T")
+
+
+def _follow(
+    poll: Callable[[], list[T]],
+    wake: threading.Event,
+    closed: Callable[[], bool],
+    idle_timeout_s: float | None,
+) -> Iterator[T]:
+    """Yield what ``poll`` returns, waiting on ``wake`` (set by a listener) in between."""
+    idle_since = time.monotonic()
+    while not closed():
+        items = poll()
+        if not items:
+            wake.clear()
+            items = poll()  # something arrived between the poll and the clear
+        if items:
+            yield from items
+            idle_since = time.monotonic()
+            continue
+        wait_s = 0.5
+        if idle_timeout_s is not None:
+            left = idle_timeout_s - (time.monotonic() - idle_since)
+            if left <= 0:
+                return
+            wait_s = min(wait_s, left)
+        wake.wait(wait_s)
+
+
+def _encode_payload(payload: Any, config: Config) -> bytes:
+    try:
+        data = msgspec.json.encode(payload)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise InvalidArgument(f"payload is not JSON: {exc}") from None
+    if len(data) > config.metadata_bytes_max:
+        raise PayloadTooLarge(
+            f"payload is {len(data)} bytes of JSON; the limit is {config.metadata_bytes_max}"
+        )
+    return data
 
 
 def _encode_cursor(after: tuple[tuple[str, ...], str]) -> str:
@@ -677,6 +767,57 @@ class Collection:
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+
+    def subscribe(
+        self,
+        namespace: Namespace | None = None,
+        filter: Mapping[str, Any] | None = None,
+        cursor: str | None = None,
+        include_vectors: bool = False,
+        idle_timeout_s: float | None = None,
+    ) -> Iterator[Event]:
+        """The change feed: every write applied to the collection, as it happens.
+
+        Yields an :class:`Event` per put, delete, expiry and eviction under the ``namespace``
+        prefix (puts also matching ``filter``), in each shard's order. ``cursor=None``
+        starts from now; ``event.cursor`` resumes right after that event with no gap and no
+        duplicate, while the shards retain it (else CursorExpired, with the oldest cursor).
+        Blocks between events; ends when the database closes, or after ``idle_timeout_s``
+        without an event (None: never).
+        """
+        reader = self.feed_reader(namespace, filter, cursor, include_vectors)
+        wake = threading.Event()
+        reader.listen(wake.set)
+        try:
+            yield from _follow(reader.poll, wake, lambda: self._db._closed, idle_timeout_s)
+        finally:
+            reader.unlisten(wake.set)
+
+    def feed_cursor(self) -> str:
+        """The change feed's current end: ``subscribe(cursor=...)`` from it misses nothing
+        written after this call."""
+        self._db._check_open()
+        return encode_cursor(self.name, [shard.applied_seq for shard in self._shards])
+
+    def feed_reader(
+        self,
+        namespace: Namespace | None = None,
+        filter: Mapping[str, Any] | None = None,
+        cursor: str | None = None,
+        include_vectors: bool = False,
+    ) -> FeedReader:
+        """The non-blocking reader under :meth:`subscribe`, for servers that wait their own
+        way (an asyncio event): ``poll()`` for events, ``listen(callback)`` for wake-ups."""
+        prefix, flt = self._scope(namespace, filter)
+        return FeedReader(
+            self.name,
+            self._shards,
+            prefix,
+            flt,
+            cursor,
+            include_vectors=include_vectors,
+            batch=self._db.config.feed_batch_events,
+        )
 
     def describe(self) -> CollectionInfo:
         """The collection's config and its current size."""

@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import quote, urlsplit
 
 import httpx
 import msgspec
+import numpy as np
 
 from memcluster.core import api, validation
 from memcluster.core.api import OPERATIONS, Consistency
@@ -48,9 +49,11 @@ from memcluster.core.types import (
     CollectionConfig,
     CollectionInfo,
     Durability,
+    Event,
     Eviction,
     Hit,
     Memory,
+    Message,
     Metric,
     Page,
 )
@@ -80,6 +83,9 @@ class _Transport(Protocol):
         reply: type[T],
         timeout_s: float | None = None,
     ) -> T: ...
+    def stream(
+        self, kind: str, collection: str | None, body: msgspec.Struct, item: type[T]
+    ) -> AsyncIterator[T]: ...
     async def close(self) -> None: ...
 
 
@@ -134,18 +140,64 @@ class _HttpTransport:
                 " is the server running?"
             ) from None
         if response.status_code >= 400:
-            try:
-                error = _error_decoder.decode(response.content)
-            except msgspec.DecodeError:
-                raise MemclusterError(
-                    f"http: {response.status_code} from {self._where} without an error body:"
-                    f" {response.text[:200]!r}"
-                ) from None
-            raise error_from_wire(error.code, error.message, error.details)
+            raise _http_error(response, self._where)
         return _json_decoder(reply).decode(response.content)
+
+    async def stream(
+        self, kind: str, collection: str | None, body: msgspec.Struct, item: type[T]
+    ) -> AsyncIterator[T]:
+        """Server-Sent Events: the body's fields go in the query string, JSON-encoded."""
+        op = OPERATIONS[kind]
+        path = op.path.format(collection=quote(collection or "", safe=""))
+        params = {
+            name: value if isinstance(value, str) else _json_encoder.encode(value).decode()
+            for name in body.__struct_fields__
+            if (value := getattr(body, name)) is not None
+        }
+        decoder = _json_decoder(item)
+        try:
+            async with self._client.stream(
+                "GET", path, params=params, timeout=httpx.Timeout(None, connect=10.0)
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise _http_error(response, self._where)
+                kind_of, data = "message", []
+                async for line in response.aiter_lines():
+                    if line.startswith(":"):
+                        continue
+                    if line:
+                        field, _, value = line.partition(":")
+                        value = value.removeprefix(" ")
+                        if field == "event":
+                            kind_of = value
+                        elif field == "data":
+                            data.append(value)
+                        continue
+                    if data and kind_of == "error":
+                        error = _error_decoder.decode("\n".join(data))
+                        raise error_from_wire(error.code, error.message, error.details)
+                    if data:
+                        yield decoder.decode("\n".join(data))
+                    kind_of, data = "message", []
+        except httpx.TransportError as exc:
+            raise Unreachable(
+                f"http: subscription to {self._where} lost ({type(exc).__name__}: {exc})"
+            ) from None
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _http_error(response: httpx.Response, where: str) -> MemclusterError:
+    try:
+        error = _error_decoder.decode(response.content)
+    except msgspec.DecodeError:
+        return MemclusterError(
+            f"http: {response.status_code} from {where} without an error body:"
+            f" {response.text[:200]!r}"
+        )
+    return error_from_wire(error.code, error.message, error.details)
 
 
 class _BinaryTransport:
@@ -201,7 +253,32 @@ class _BinaryTransport:
             fields = {f: getattr(body, f) for f in body.__struct_fields__}
             request = op.request(collection=collection, **fields)
         conn = await self._connection()
-        return await conn.request(kind, request, reply, timeout_s=timeout_s or self._timeout_s)
+        try:
+            return await conn.request(kind, request, reply, timeout_s=timeout_s or self._timeout_s)
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise InvalidArgument(f"request cannot be encoded: {exc}") from None
+
+    async def stream(
+        self, kind: str, collection: str | None, body: msgspec.Struct, item: type[T]
+    ) -> AsyncIterator[T]:
+        """On a connection of its own: a slow subscriber must not hold up other requests."""
+        op = OPERATIONS[kind]
+        request = body
+        if collection is not None:
+            fields = {f: getattr(body, f) for f in body.__struct_fields__}
+            request = op.request(collection=collection, **fields)
+        conn = await Connection.open(
+            self._host,
+            self._port,
+            api_key=self._api_key,
+            ssl=self._tls,
+            connect_timeout_s=self._timeout_s,
+        )
+        try:
+            async for value in conn.stream(kind, request, item):
+                yield value
+        finally:
+            await conn.close()
 
     async def close(self) -> None:
         for conn in self._conns:
@@ -443,6 +520,35 @@ class AsyncClient:
         body = api.CounterKey(key=key)
         return (await self._call("counters.get", None, body, api.CounterReply)).value
 
+    # -- topics ------------------------------------------------------------------------------
+
+    async def publish(self, topic: str, payload: Any) -> int:
+        """Send ``payload`` (any JSON value) to the subscribers of ``topic``; its seq."""
+        body = api.PublishBody(topic=topic, payload=payload)
+        return (await self._call("topics.publish", None, body, api.PublishReply)).seq
+
+    async def subscribe(
+        self,
+        topic: str,
+        cursor: str | None = None,
+        group: str | None = None,
+        idle_timeout_s: float | None = None,
+    ) -> AsyncIterator[Message]:
+        """The messages of ``topic`` (see the embedded ``subscribe``)."""
+        body = api.TopicBody(topic=topic, cursor=cursor, group=group)
+        messages = cast(
+            AsyncGenerator[Message, None],
+            self._transport.stream("topics.subscribe", None, body, Message),
+        )
+        try:
+            while True:
+                try:
+                    yield await asyncio.wait_for(anext(messages), idle_timeout_s)
+                except (StopAsyncIteration, TimeoutError):
+                    return
+        finally:
+            await messages.aclose()
+
 
 def _wait(timeout_s: object) -> float:
     """How long the server may hold an acquire, for the request's own deadline."""
@@ -586,6 +692,46 @@ class AsyncCollection:
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+
+    async def feed_cursor(self) -> str:
+        """The change feed's current end (see the embedded ``feed_cursor``)."""
+        return (await self._call("feed_cursor", api.Empty(), api.CursorReply)).cursor
+
+    async def subscribe(
+        self,
+        namespace: Namespace | None = None,
+        filter: Mapping[str, Any] | None = None,
+        cursor: str | None = None,
+        include_vectors: bool = False,
+        idle_timeout_s: float | None = None,
+    ) -> AsyncIterator[Event]:
+        """The change feed (see the embedded ``subscribe``): an async iterator of events.
+
+        A dropped connection raises Unreachable: subscribe again with the last event's
+        cursor to continue with no gap and no duplicate."""
+        body = api.SubscribeBody(
+            namespace=_as_namespace(namespace, allow_empty=True),
+            filter=None if filter is None else dict(filter),
+            cursor=cursor,
+            include_vectors=include_vectors,
+        )
+        events = cast(
+            AsyncGenerator[Event, None],
+            self._client._transport.stream("subscribe", self.config.name, body, Event),
+        )
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(anext(events), idle_timeout_s)
+                except (StopAsyncIteration, TimeoutError):
+                    return
+                if event.vector is not None:
+                    event = msgspec.structs.replace(
+                        event, vector=np.asarray(event.vector, dtype=np.float32)
+                    )
+                yield event
+        finally:
+            await events.aclose()
 
     async def describe(self) -> CollectionInfo:
         """The collection's config and current size."""

@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import uvloop
 
+from memcluster.client.blackboard import Blackboard
 from memcluster.client.remote import AsyncClient, AsyncCollection, Namespace
 from memcluster.core import api
 from memcluster.core.api import Consistency
@@ -34,9 +35,11 @@ from memcluster.core.types import (
     CollectionConfig,
     CollectionInfo,
     Durability,
+    Event,
     Eviction,
     Hit,
     Memory,
+    Message,
     Metric,
     Page,
 )
@@ -225,6 +228,43 @@ class Client:
         """The value of counter ``key`` (0 if never incremented)."""
         return self._runner.run(self._async.counter(key))
 
+    def publish(self, topic: str, payload: Any) -> int:
+        """Send ``payload`` (any JSON value) to the subscribers of ``topic``; its seq."""
+        return self._runner.run(self._async.publish(topic, payload))
+
+    def subscribe(
+        self,
+        topic: str,
+        cursor: str | None = None,
+        group: str | None = None,
+        idle_timeout_s: float | None = None,
+    ) -> Iterator[Message]:
+        """The messages of ``topic``, as a blocking iterator."""
+        yield from _iterate(
+            self._runner, self._async.subscribe(topic, cursor, group, idle_timeout_s)
+        )
+
+    def blackboard(self, collection: str, board: Sequence[str]) -> Blackboard:
+        """The namespace ``board`` of ``collection`` as a blackboard."""
+        return Blackboard(self, collection, board)
+
+
+def _iterate(runner: _LoopThread, items: AsyncIterator[T]) -> Iterator[T]:
+    """Drive an async generator of the client's loop from this thread, item by item."""
+    generator = cast(AsyncGenerator[T, None], items)
+    try:
+        while True:
+            try:
+                yield runner.run(_next(generator))
+            except StopAsyncIteration:
+                return
+    finally:
+        runner.run(generator.aclose())
+
+
+async def _next(items: AsyncGenerator[T, None]) -> T:
+    return await anext(items)
+
 
 async def _make_client(url: str, options: dict[str, Any]) -> AsyncClient:
     # Built on the loop thread: its locks and connections belong to that loop.
@@ -235,6 +275,7 @@ class Collection:
     """A collection on a server, with the embedded Collection's methods."""
 
     def __init__(self, runner: _LoopThread, coll: AsyncCollection) -> None:
+        self._runner = runner
         self._run = runner.run
         self._async = coll
 
@@ -326,6 +367,24 @@ class Collection:
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+
+    def feed_cursor(self) -> str:
+        """The change feed's current end: subscribing from it misses nothing after."""
+        return self._run(self._async.feed_cursor())
+
+    def subscribe(
+        self,
+        namespace: Namespace | None = None,
+        filter: Mapping[str, Any] | None = None,
+        cursor: str | None = None,
+        include_vectors: bool = False,
+        idle_timeout_s: float | None = None,
+    ) -> Iterator[Event]:
+        """The change feed, as a blocking iterator (see the embedded ``subscribe``)."""
+        yield from _iterate(
+            self._runner,
+            self._async.subscribe(namespace, filter, cursor, include_vectors, idle_timeout_s),
+        )
 
     def describe(self) -> CollectionInfo:
         """The collection's config and current size."""

@@ -22,7 +22,15 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from memcluster.core.types import CollectionConfig, CollectionInfo, Hit, Memory, Page
+from memcluster.core.types import (
+    CollectionConfig,
+    CollectionInfo,
+    Event,
+    Hit,
+    Memory,
+    Message,
+    Page,
+)
 
 VERSION = importlib.metadata.version("memcluster")
 """memcluster's version, as installed."""
@@ -54,7 +62,7 @@ def enc_hook(obj: Any) -> Any:
         return msgspec.msgpack.Ext(VECTOR_EXT, np.ascontiguousarray(obj, dtype="<f4").tobytes())
     if isinstance(obj, np.generic):
         return obj.item()
-    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+    raise TypeError(f"cannot encode {type(obj).__name__} as JSON or msgpack")
 
 
 def ext_hook(code: int, data: memoryview) -> Any:
@@ -72,7 +80,7 @@ def json_enc_hook(obj: Any) -> Any:
         return obj.tolist()
     if isinstance(obj, np.generic):
         return obj.item()
-    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+    raise TypeError(f"cannot encode {type(obj).__name__} as JSON or msgpack")
 
 
 def vectors_to_numpy(memory: Memory | None) -> None:
@@ -206,6 +214,36 @@ class ListCall(ListBody, kw_only=True):
     collection: str
 
 
+class CursorReply(msgspec.Struct):
+    cursor: str
+
+
+class SubscribeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    namespace: tuple[str, ...] | None = None
+    filter: dict[str, Any] | None = None
+    cursor: str | None = None
+    include_vectors: bool = False
+
+
+class SubscribeCall(SubscribeBody, kw_only=True):
+    collection: str
+
+
+class PublishBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    topic: str
+    payload: Any
+
+
+class PublishReply(msgspec.Struct):
+    seq: int
+
+
+class TopicBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    topic: str
+    cursor: str | None = None
+    group: str | None = None
+
+
 # -- coordination: leases, locks, semaphores, counters (no collection) ------------------------
 
 
@@ -280,6 +318,9 @@ class Operation(msgspec.Struct, frozen=True, kw_only=True):
     would be doubled (an acquire, an increment)."""
     blocking: bool = False
     """May wait long (an acquire): served on its own thread pool, with its own timeout."""
+    stream: bool = False
+    """Answers with a stream of ``reply`` items (binary: "item" frames; HTTP: Server-Sent
+    Events on a GET whose query parameters are the body's fields, JSON-encoded)."""
 
 
 _C = "/v1/collections/{collection}"
@@ -352,6 +393,18 @@ OPERATIONS: dict[str, Operation] = {
     "list": Operation(
         request=ListCall, body=ListBody, reply=Page, method="POST", path=_C + "/memories/list"
     ),
+    "feed_cursor": Operation(
+        request=CollectionRef, body=Empty, reply=CursorReply, method="GET", path=_C + "/cursor"
+    ),
+    "subscribe": Operation(
+        request=SubscribeCall,
+        body=SubscribeBody,
+        reply=Event,
+        method="GET",
+        path=_C + "/subscribe",
+        stream=True,
+        retry=False,
+    ),
 }
 
 
@@ -388,5 +441,15 @@ OPERATIONS |= {
     "semaphores.release": _coord("/v1/semaphores/release", ReleaseBody, Empty),
     "counters.incr": _coord("/v1/counters/incr", CounterBody, CounterReply, retry=False),
     "counters.get": _coord("/v1/counters/get", CounterKey, CounterReply, write=False),
+    "topics.publish": _coord("/v1/topics/publish", PublishBody, PublishReply, retry=False),
+    "topics.subscribe": Operation(
+        request=TopicBody,
+        body=TopicBody,
+        reply=Message,
+        method="GET",
+        path="/v1/topics/subscribe",
+        stream=True,
+        retry=False,
+    ),
 }
 """Every operation by kind: wire types, HTTP route and the role it needs."""

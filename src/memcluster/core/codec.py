@@ -20,6 +20,7 @@ records of the same format; its state machine is :mod:`memcluster.shard.coord`::
     PermitGrantOp  = ["so", name, permits, lease]          permit token = this op's seq
     PermitReleaseOp= ["sr", name, token]
     CounterOp      = ["ct", key, value]                    the counter's new value
+    PublishOp      = ["tp", topic, payload]                a message on a topic (JSON bytes)
 
 ``vector`` is the raw little-endian float32 bytes; ``metadata`` is the memory's metadata as
 UTF-8 JSON bytes (validated and size-checked once, at the edge, and never re-encoded). Every
@@ -120,6 +121,13 @@ class CounterOp(msgspec.Struct, frozen=True, array_like=True, tag="ct"):
     value: int
 
 
+class PublishOp(msgspec.Struct, frozen=True, array_like=True, tag="tp"):
+    """A message published on ``topic``: ``payload`` is its JSON bytes."""
+
+    topic: str
+    payload: bytes
+
+
 CoordOp = (
     LeaseGrantOp
     | LeaseRenewOp
@@ -129,6 +137,7 @@ CoordOp = (
     | PermitGrantOp
     | PermitReleaseOp
     | CounterOp
+    | PublishOp
 )
 Op = PutOp | DeleteOp | CoordOp
 

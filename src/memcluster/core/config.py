@@ -102,6 +102,17 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_keys_max: int = 100_000
     """Batch idempotency keys remembered per shard (oldest forgotten first)."""
 
+    # -- change feed ---------------------------------------------------------------------------
+    feed_buffer_events: int = 10_000
+    """Recent changes each shard keeps in memory for live subscribers; older ones are read
+    back from the WAL."""
+    feed_retention_events: int = 1_000_000
+    """Changes each shard keeps in its WAL for subscribers resuming from a cursor, beyond what
+    recovery needs (whole segments: up to one ``wal_segment_bytes`` more). A cursor older
+    than that gets CursorExpired."""
+    feed_batch_events: int = 1_000
+    """Most changes one read of a subscription takes from a shard."""
+
     # -- coordination (leases, locks, semaphores, counters) ----------------------------------
     lease_ttl_max_s: float = 7 * 86_400.0
     """Longest TTL a lease (or a lock's or permit's implicit lease) may have."""

@@ -19,6 +19,7 @@ says whose fault an error is and whether retrying can help::
     │   │   └── CollectionExists     409
     │   ├── VersionConflict          409  if_version did not match (carries expected/actual)
     │   ├── StaleToken               409  a fencing token no longer holds its lock
+    │   ├── CursorExpired            410  a change-feed cursor older than the retention window
     │   ├── CapacityExceeded         507  full collection with eviction "none"
     │   ├── InvalidState             409  e.g. the database is closed
     │   ├── Unauthenticated          401  no API key, or an unknown one
@@ -136,6 +137,18 @@ class StaleToken(RequestError):
     lease expired and the lock may have a newer holder. The write or release was refused."""
 
 
+class CursorExpired(RequestError):
+    """A change-feed cursor points before the oldest event still retained.
+
+    ``oldest_cursor`` resumes from the oldest retained event (events in between are lost to
+    this subscriber: re-read the current state with ``list()`` first).
+    """
+
+    def __init__(self, message: str, *, oldest_cursor: str | None = None) -> None:
+        super().__init__(message)
+        self.oldest_cursor = oldest_cursor
+
+
 class CapacityExceeded(RequestError):
     """A collection (or namespace) is full and its eviction policy is ``none``."""
 
@@ -231,6 +244,7 @@ ERROR_TABLE: dict[type[MemclusterError], ErrorInfo] = {
     CollectionExists: ErrorInfo(False, 409, "collection_exists"),
     VersionConflict: ErrorInfo(False, 409, "version_conflict"),
     StaleToken: ErrorInfo(False, 409, "stale_token"),
+    CursorExpired: ErrorInfo(False, 410, "cursor_expired"),
     CapacityExceeded: ErrorInfo(False, 507, "capacity_exceeded"),
     InvalidState: ErrorInfo(False, 409, "invalid_state"),
     Unauthenticated: ErrorInfo(False, 401, "unauthenticated"),
@@ -261,7 +275,7 @@ def is_retryable(exc: BaseException) -> bool:
 
 _BY_CODE: dict[str, type[MemclusterError]] = {info.code: cls for cls, info in ERROR_TABLE.items()}
 
-_DETAIL_FIELDS = ("expected", "actual", "leader_hint")
+_DETAIL_FIELDS = ("expected", "actual", "leader_hint", "oldest_cursor")
 
 
 def error_details(exc: MemclusterError) -> dict[str, Any]:
@@ -280,6 +294,9 @@ def error_from_wire(code: str, message: str, details: Mapping[str, Any]) -> Memc
             return cls(message, expected=int(details["expected"]), actual=int(details["actual"]))
         except (KeyError, TypeError, ValueError):
             return cls.__mro__[1](message)  # type: ignore[no-any-return]
+    if cls is CursorExpired:
+        oldest = details.get("oldest_cursor")
+        return CursorExpired(message, oldest_cursor=oldest if isinstance(oldest, str) else None)
     if cls is NotLeader:
         hint = details.get("leader_hint")
         return NotLeader(message, leader_hint=hint if isinstance(hint, str) else None)

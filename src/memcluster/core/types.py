@@ -133,3 +133,50 @@ class CollectionInfo(msgspec.Struct, frozen=True):
 
     config: CollectionConfig
     stats: CollectionStats
+
+
+class EventOp(enum.StrEnum):
+    """What a change-feed event reports."""
+
+    PUT = "put"
+    DELETE = "delete"
+    EXPIRE = "expire"
+    """Deleted because its TTL passed."""
+    EVICT = "evict"
+    """Deleted to make room (capacity eviction)."""
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One applied write, as the change feed delivers it.
+
+    ``version`` is the change's sequence number in its shard (for a put, the memory's new
+    version); events of one shard arrive in that order. ``cursor`` resumes a subscription
+    right after this event. Puts carry the memory's text and metadata (and its vector when
+    the subscription asked for vectors); deletes carry only the address.
+    """
+
+    collection: str
+    namespace: tuple[str, ...]
+    key: str
+    op: EventOp
+    version: int
+    time: float
+    shard: int
+    cursor: str
+    text: str | None = None
+    metadata: dict[str, Any] | None = None
+    vector: Any = None
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """A message of a topic: what ``publish`` sent, with its position.
+
+    ``seq`` orders the messages of every topic of a database; ``cursor`` resumes a
+    subscription right after this message.
+    """
+
+    topic: str
+    payload: Any
+    seq: int
+    time: float
+    cursor: str

@@ -27,6 +27,7 @@ route 404, a body over ``request_bytes_max`` 413, and the engine's own checks gi
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
@@ -37,11 +38,13 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RedocRenderPlugin
-from litestar.params import Body, FromPath, JSONBody
+from litestar.params import Body, FromPath, FromQuery, JSONBody
+from litestar.response import ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
 
 from memcluster.core import api
 from memcluster.core.api import OPERATIONS
-from memcluster.core.errors import ERROR_TABLE, MemclusterError, error_details
+from memcluster.core.errors import ERROR_TABLE, InvalidArgument, MemclusterError, error_details
 from memcluster.core.types import CollectionConfig, CollectionInfo, Page
 from memcluster.node.service import Service
 
@@ -118,6 +121,28 @@ def _on_bug(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         f"internal error: {type(exc).__name__}: {exc}; this is a bug, please report it",
         {},
     )
+
+
+_json = msgspec.json.Encoder(enc_hook=api.json_enc_hook)
+
+
+def _subscribe_body(
+    namespace: str | None, filter: str | None, cursor: str | None, include_vectors: bool
+) -> api.SubscribeBody:
+    try:
+        return msgspec.convert(
+            {
+                "namespace": None if namespace is None else msgspec.json.decode(namespace),
+                "filter": None if filter is None else msgspec.json.decode(filter),
+                "cursor": cursor,
+                "include_vectors": include_vectors,
+            },
+            api.SubscribeBody,
+        )
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise InvalidArgument(
+            f"subscribe: {exc}; pass namespace as a JSON array and filter as a JSON object"
+        ) from None
 
 
 def build_app(service: Service, *, request_bytes_max: int) -> Litestar:
@@ -215,6 +240,70 @@ def build_app(service: Service, *, request_bytes_max: int) -> Litestar:
         result: api.SearchReply = await call(request, "search", collection, data)
         return result
 
+    @get(_route("feed_cursor"), summary="The change feed's current end, as a cursor")
+    async def feed_cursor(
+        request: Request[Any, Any, Any], collection: FromPath[str]
+    ) -> api.CursorReply:
+        result: api.CursorReply = await call(request, "feed_cursor", collection, api.Empty())
+        return result
+
+    @get(_route("subscribe"), summary="The change feed, as Server-Sent Events")
+    async def subscribe(
+        request: Request[Any, Any, Any],
+        collection: FromPath[str],
+        namespace: FromQuery[str | None] = None,
+        filter: FromQuery[str | None] = None,
+        cursor: FromQuery[str | None] = None,
+        include_vectors: FromQuery[bool] = False,
+    ) -> ServerSentEvent:
+        """Query parameters: ``namespace`` (a JSON array), ``filter`` (a JSON object),
+        ``cursor`` (an event's id; the ``Last-Event-ID`` header works too, as EventSource
+        sends it on reconnect) and ``include_vectors``. Each event is ``event: change``
+        with the Event as JSON ``data`` and its cursor as ``id``; a failure ends the stream
+        with ``event: error``; idle streams get a comment every 15 s."""
+        body = _subscribe_body(
+            namespace, filter, cursor or request.headers.get("last-event-id"), include_vectors
+        )
+        return await _sse(request, "subscribe", collection, body, "change")
+
+    @get(OPERATIONS["topics.subscribe"].path, summary="A topic's messages, as Server-Sent Events")
+    async def topic_subscribe(
+        request: Request[Any, Any, Any],
+        topic: FromQuery[str],
+        cursor: FromQuery[str | None] = None,
+        group: FromQuery[str | None] = None,
+    ) -> ServerSentEvent:
+        """Each message is ``event: message`` with the Message as JSON ``data`` and its
+        cursor as ``id`` (``Last-Event-ID`` resumes, as for the change feed)."""
+        body = api.TopicBody(
+            topic=topic, cursor=cursor or request.headers.get("last-event-id"), group=group
+        )
+        return await _sse(request, "topics.subscribe", None, body, "message")
+
+    async def _sse(
+        request: Request[Any, Any, Any],
+        kind: str,
+        collection: str | None,
+        body: msgspec.Struct,
+        event_name: str,
+    ) -> ServerSentEvent:
+        principal = service.auth.authenticate(_api_key(request))
+        items = await service.stream(principal, kind, collection or "", body)
+
+        async def messages() -> AsyncIterator[ServerSentEventMessage]:
+            try:
+                async for item in items:
+                    if item is None:
+                        yield ServerSentEventMessage(comment="keepalive")
+                    else:
+                        data = _json.encode(item).decode()
+                        yield ServerSentEventMessage(data=data, event=event_name, id=item.cursor)
+            except MemclusterError as exc:
+                error = api.ErrorBody(code=exc.code, message=str(exc), details=error_details(exc))
+                yield ServerSentEventMessage(data=_json.encode(error).decode(), event="error")
+
+        return ServerSentEvent(messages())
+
     def coordination(kind: str, summary: str) -> HTTPRouteHandler:
         """A route for an operation without a collection: the body is the whole request."""
         op = OPERATIONS[kind]
@@ -240,11 +329,15 @@ def build_app(service: Service, *, request_bytes_max: int) -> Litestar:
         coordination("semaphores.release", "Give back a permit"),
         coordination("counters.incr", "Add delta to a counter; returns the new value"),
         coordination("counters.get", "A counter's value"),
+        coordination("topics.publish", "Publish a JSON payload on a topic; returns its seq"),
     ]
 
     return Litestar(
         route_handlers=[
             *coordination_routes,
+            subscribe,
+            topic_subscribe,
+            feed_cursor,
             health,
             ready,
             list_collections,

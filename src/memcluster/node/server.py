@@ -24,7 +24,7 @@ import logging
 import signal
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -105,6 +105,20 @@ class _Dispatcher:
         request = decode_body(envelope, op.request)
         collection = getattr(request, "collection", None)
         return await self._service.run(session, envelope.kind, collection, request)
+
+    def is_stream(self, kind: str) -> bool:
+        op = OPERATIONS.get(kind)
+        return op is not None and op.stream
+
+    async def stream(self, session: object, envelope: Envelope) -> AsyncIterator[Any]:
+        assert isinstance(session, Principal)
+        op = OPERATIONS[envelope.kind]
+        request = decode_body(envelope, op.request)
+        collection = getattr(request, "collection", "")
+        events = await self._service.stream(session, envelope.kind, collection, request)
+        async for event in events:
+            if event is not None:  # heartbeats are for HTTP; TCP keepalive covers this
+                yield event
 
 
 def _tls(listen: Listen) -> ssl.SSLContext | None:

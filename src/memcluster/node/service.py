@@ -14,9 +14,10 @@ the embedded ``Database`` it opened, so this layer does not depend on the client
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -69,6 +70,22 @@ class StoreCollection(Protocol):
         cursor: str | None = None,
     ) -> Page: ...
     def describe(self) -> CollectionInfo: ...
+    def feed_cursor(self) -> str: ...
+    def feed_reader(
+        self,
+        namespace: tuple[str, ...] | None = None,
+        filter: Mapping[str, Any] | None = None,
+        cursor: str | None = None,
+        include_vectors: bool = False,
+    ) -> FeedReaderLike: ...
+
+
+class FeedReaderLike(Protocol):
+    """A change feed or topic, read without blocking (see memcluster.shard.feed)."""
+
+    def poll(self) -> list[Any]: ...
+    def listen(self, callback: Callable[[], None]) -> None: ...
+    def unlisten(self, callback: Callable[[], None]) -> None: ...
 
 
 class Store(Protocol):
@@ -96,6 +113,10 @@ class Store(Protocol):
     def release_semaphore(self, name: str, token: int) -> None: ...
     def incr(self, key: str, delta: int = 1) -> int: ...
     def counter(self, key: str) -> int: ...
+    def publish(self, topic: str, payload: Any) -> int: ...
+    def topic_reader(
+        self, topic: str, cursor: str | None = None, group: str | None = None
+    ) -> FeedReaderLike: ...
 
 
 def _namespaces(kind: str, body: msgspec.Struct) -> Iterator[tuple[str, ...] | None]:
@@ -103,7 +124,9 @@ def _namespaces(kind: str, body: msgspec.Struct) -> Iterator[tuple[str, ...] | N
     if isinstance(body, api.PutBody):
         for memory in body.memories:
             yield memory.namespace
-    elif isinstance(body, api.KeyBody | api.ScopeBody | api.SearchBody | api.ListBody):
+    elif isinstance(
+        body, api.KeyBody | api.ScopeBody | api.SearchBody | api.ListBody | api.SubscribeBody
+    ):
         yield body.namespace
 
 
@@ -115,6 +138,10 @@ class Service:
         self.node = node
         self.auth = auth
         self.stopping = False
+        self.feed_idle_check_s = 1.0
+        """How often an idle subscription checks whether the server is stopping."""
+        self.feed_heartbeat_s = 15.0
+        """An idle subscription sends a keepalive this often (and so notices a dead peer)."""
         """Set when a graceful shutdown begins: health reports "stopping", not ready."""
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="memcluster-req")
         # Acquires block until granted or timed out: their own pool, so that waiters cannot
@@ -131,6 +158,7 @@ class Service:
             "count": self._count,
             "search": self._search,
             "list": self._list,
+            "feed_cursor": lambda c, _: api.CursorReply(self.store.collection(c).feed_cursor()),
             "leases.grant": lambda _, b: api.LeaseReply(self.store.grant_lease(b.ttl_s)),
             "leases.keepalive": lambda _, b: api.KeepaliveReply(self.store.keepalive(b.lease)),
             "leases.revoke": self._revoke,
@@ -144,6 +172,7 @@ class Service:
             "semaphores.release": self._release_semaphore,
             "counters.incr": lambda _, b: api.CounterReply(self.store.incr(b.key, b.delta)),
             "counters.get": lambda _, b: api.CounterReply(self.store.counter(b.key)),
+            "topics.publish": lambda _, b: api.PublishReply(self.store.publish(b.topic, b.payload)),
         }
 
     def close(self) -> None:
@@ -196,6 +225,65 @@ class Service:
             self._waits if op.blocking else self._pool,
             functools.partial(handler, collection or "", body),
         )
+
+    async def stream(
+        self, principal: Principal, kind: str, collection: str, body: msgspec.Struct
+    ) -> AsyncIterator[Any]:
+        """Open a subscription (a change feed or a topic).
+
+        Rights and the cursor are checked here, before any item (CursorExpired and the like
+        are raised by this call); it returns the iterator of events or messages, which
+        yields None after every ``feed_heartbeat_s`` without one, for the protocol to send
+        a keepalive."""
+        op = OPERATIONS[kind]
+        assert op.stream
+        self.auth.authorize(principal, kind, op, _namespaces(kind, body))
+        loop = asyncio.get_running_loop()
+
+        def open_reader() -> tuple[FeedReaderLike, list[Any]]:
+            reader: FeedReaderLike
+            if isinstance(body, api.SubscribeBody):
+                coll = self.store.collection(collection)
+                reader = coll.feed_reader(
+                    body.namespace, body.filter, body.cursor, body.include_vectors
+                )
+            else:
+                assert isinstance(body, api.TopicBody)
+                reader = self.store.topic_reader(body.topic, body.cursor, body.group)
+            return reader, reader.poll()
+
+        reader, first = await loop.run_in_executor(self._pool, open_reader)
+        return self._follow(reader, first)
+
+    async def _follow(self, reader: FeedReaderLike, first: list[Any]) -> AsyncIterator[Any]:
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+
+        def notify() -> None:
+            # Called by a writer thread under its shard lock; the loop may be gone.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake.set)
+
+        reader.listen(notify)
+        try:
+            for event in first:
+                yield event
+            idle_since = loop.time()
+            while not self.stopping:
+                wake.clear()
+                events = await loop.run_in_executor(self._pool, reader.poll)
+                for event in events:
+                    yield event
+                if events:
+                    idle_since = loop.time()
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.feed_idle_check_s)
+                if loop.time() - idle_since >= self.feed_heartbeat_s:
+                    idle_since = loop.time()
+                    yield None
+        finally:
+            reader.unlisten(notify)
 
     # -- handlers: one engine call each ---------------------------------------------------------
 

@@ -36,10 +36,11 @@ lease state.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import assert_never
@@ -60,12 +61,14 @@ from memcluster.core.codec import (
     LockReleaseOp,
     PermitGrantOp,
     PermitReleaseOp,
+    PublishOp,
     PutOp,
     Record,
 )
 from memcluster.core.config import Config
 from memcluster.core.errors import (
     CorruptionError,
+    CursorExpired,
     InvalidArgument,
     InvalidState,
     LeaseExpired,
@@ -141,6 +144,8 @@ class CoordState(msgspec.Struct):
                         self.limits.pop(op.name, None)
             case CounterOp():
                 self.counters[op.key] = op.value
+            case PublishOp():
+                pass  # a message changes no state; subscribers read it from the log
             case _:
                 assert_never(op)
 
@@ -206,13 +211,20 @@ class CoordShard:
         self._permit_queues: dict[str, collections.deque[_Waiter]] = {}
         self._wal_bytes_at_snapshot = 0
         self._closed = False
+        # Topic messages for subscribers: recent ones in memory, older ones from the WAL.
+        self._messages: list[tuple[int, float, PublishOp]] = []
+        self._messages_floor = 0
+        """Every message with seq >= this is in ``_messages`` (set after recovery)."""
+        self._listeners: set[Callable[[], None]] = set()
+        self._wal_read_lock = threading.Lock()
         if snapshots is not None:
             manifest = snapshots.latest()
             if manifest is not None:
                 data = (snapshots.path(manifest.seq) / _STATE_FILE).read_bytes()
                 self.state = msgspec.msgpack.decode(data, type=CoordState)
+        self._messages_floor = self.state.applied_seq + 1
         for record in wal.records(self.state.applied_seq):
-            self.state.apply(record)
+            self._apply(record)
         self._wal_bytes_at_snapshot = wal.bytes_total()
 
     @classmethod
@@ -244,8 +256,23 @@ class CoordShard:
             raise InvalidState("coordination: the database is closed; open it again")
         record = Record(self.state.applied_seq + 1, self._clock.time(), list(ops))
         token = self._wal.append(record)
-        self.state.apply(record)
+        self._apply(record)
         return record.seq, token
+
+    def _apply(self, record: Record) -> None:
+        self.state.apply(record)
+        published = [
+            (record.seq + i, record.ts, op)
+            for i, op in enumerate(record.ops)
+            if isinstance(op, PublishOp)
+        ]
+        if published:
+            self._messages.extend(published)
+            if len(self._messages) > 2 * self.config.feed_buffer_events:
+                del self._messages[: len(self._messages) - self.config.feed_buffer_events]
+                self._messages_floor = self._messages[0][0]
+            for listener in self._listeners:
+                listener()
 
     def _expire(self) -> int:
         """End every lease past its expiry and hand freed locks to waiters. Caller holds the
@@ -321,9 +348,9 @@ class CoordShard:
         """A new lease that ends ``ttl_s`` seconds from now unless kept alive; its id."""
         ttl = _positive_ttl(ttl_s, self.config)
         with self.lock:
-            token = self._expire()
-            lease, token2 = self._write([LeaseGrantOp(ttl, self._clock.time() + ttl)])
-        self._sync(max(token, token2))
+            self._sync(self._expire())  # an expiry is durable before anyone hears of it
+            lease, token = self._write([LeaseGrantOp(ttl, self._clock.time() + ttl)])
+        self._sync(token)
         return lease
 
     def keepalive(self, lease: int) -> float:
@@ -332,17 +359,18 @@ class CoordShard:
         LeaseExpired if it has ended: whatever it held is gone and must be acquired again.
         """
         with self.lock:
-            token = self._expire()
+            self._sync(self._expire())  # an expiry is durable before anyone hears of it
             info = self._check_lease(lease)
             expires_at = self._clock.time() + info.ttl_s
-            _, token2 = self._write([LeaseRenewOp(lease, expires_at)])
-        self._sync(max(token, token2))
+            _, token = self._write([LeaseRenewOp(lease, expires_at)])
+        self._sync(token)
         return expires_at
 
     def revoke(self, lease: int) -> None:
         """End ``lease`` now, releasing what it holds. LeaseExpired if it has ended."""
         with self.lock:
-            token = self._expire()
+            token = 0
+            self._sync(self._expire())  # an expiry is durable before anyone hears of it
             self._check_lease(lease)
             _, token2 = self._write([LeaseEndOp(lease)])
             token3 = self._grant_waiters()
@@ -385,7 +413,8 @@ class CoordShard:
         wait_s = _timeout(timeout_s, self.config)
         waiter = _Waiter(ttl, lease)
         with self.lock:
-            token = self._expire()
+            token = 0
+            self._sync(self._expire())  # an expiry is durable before anyone hears of it
             if lease is not None:
                 self._check_lease(lease)
             queue = self._lock_queues.setdefault(name, collections.deque())
@@ -401,7 +430,8 @@ class CoordShard:
 
         StaleToken if ``token`` no longer holds it (released, or its lease expired)."""
         with self.lock:
-            sync = self._expire()
+            sync = 0
+            self._sync(self._expire())  # an expiry is durable before anyone hears of it
             held = self.state.locks.get(name)
             if held is None or held[0] != token:
                 raise StaleToken(_stale("lock", name, token, held))
@@ -435,7 +465,8 @@ class CoordShard:
         wait_s = _timeout(timeout_s, self.config)
         waiter = _Waiter(ttl, lease, permits)
         with self.lock:
-            token = self._expire()
+            token = 0
+            self._sync(self._expire())  # an expiry is durable before anyone hears of it
             if lease is not None:
                 self._check_lease(lease)
             queue = self._permit_queues.setdefault(name, collections.deque())
@@ -449,7 +480,8 @@ class CoordShard:
     def release_semaphore(self, name: str, token: int) -> None:
         """Give back the permit ``token`` of semaphore ``name``; StaleToken if it is not held."""
         with self.lock:
-            sync = self._expire()
+            sync = 0
+            self._sync(self._expire())  # an expiry is durable before anyone hears of it
             held = self.state.permits.get(name, {})
             if token not in held:
                 raise StaleToken(
@@ -484,6 +516,56 @@ class CoordShard:
         with self.lock:
             return self.state.counters.get(key, 0)
 
+    # -- topics ------------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        """Append a message (JSON bytes, validated by the caller) to ``topic``; its seq."""
+        validation.key(topic, self.config)
+        with self.lock:
+            seq, token = self._write([PublishOp(topic, payload)])
+        self._sync(token)
+        return seq
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (quick, non-blocking) after every published message."""
+        with self.lock:
+            self._listeners.add(callback)
+
+    def unlisten(self, callback: Callable[[], None]) -> None:
+        with self.lock:
+            self._listeners.discard(callback)
+
+    def messages(self, after_seq: int, limit: int) -> list[tuple[int, float, PublishOp]]:
+        """Up to ``limit`` published messages (of every topic) with seq > ``after_seq``.
+
+        CursorExpired when ``after_seq`` is older than the log still holds."""
+        with self.lock:
+            if after_seq >= self.state.applied_seq:
+                return []
+            if after_seq + 1 >= self._messages_floor:
+                recent = self._messages
+                start = bisect.bisect_right(recent, after_seq, key=lambda m: m[0])
+                return recent[start : start + limit]
+        with self._wal_read_lock:
+            first = self._wal.first_seq()
+            if after_seq + 1 < first:
+                raise CursorExpired(
+                    f"topics: messages after seq {after_seq} are no longer retained; the"
+                    f" oldest is seq {first}"
+                )
+            out: list[tuple[int, float, PublishOp]] = []
+            for record in self._wal.records(after_seq):
+                for i, op in enumerate(record.ops):
+                    if record.seq + i > after_seq and isinstance(op, PublishOp):
+                        out.append((record.seq + i, record.ts, op))
+                if len(out) >= limit:
+                    break
+            return out[:limit]
+
+    def oldest_seq(self) -> int:
+        with self._wal_read_lock:
+            return self._wal.first_seq()
+
     # -- background --------------------------------------------------------------------------
 
     def maintain(self) -> bool:
@@ -491,7 +573,8 @@ class CoordShard:
         with self.lock:
             if self._closed:
                 return False
-            token = self._expire()
+            token = 0
+            self._sync(self._expire())  # an expiry is durable before anyone hears of it
         self._sync(token)
         if self._wal.bytes_total() - self._wal_bytes_at_snapshot >= self.config.snapshot_wal_bytes:
             self.snapshot()
@@ -508,7 +591,12 @@ class CoordShard:
         self._wal.sync_all()
         self._snapshots.write(seq, {_STATE_FILE: data})
         self._snapshots.prune(self.config.snapshots_kept)
-        self._wal.truncate_before(seq + 1)
+        kept = self._snapshots.seqs()
+        # The oldest kept snapshot must still be able to replay (a damaged newest one falls
+        # back to it), and topics keep feed_retention_events of history.
+        floor = max(0, seq - self.config.feed_retention_events)
+        with self._wal_read_lock:
+            self._wal.truncate_before(min(kept[0] if kept else seq, floor))
         self._wal_bytes_at_snapshot = self._wal.bytes_total()
 
 

@@ -31,13 +31,14 @@ reverse; the background step calls the graph's ``add`` without holding the shard
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import logging
 import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from memcluster.core.config import Config
 from memcluster.core.errors import (
     CapacityExceeded,
     CorruptionError,
+    CursorExpired,
     InvalidState,
     MemclusterError,
     StorageError,
@@ -62,6 +64,9 @@ from memcluster.index.metadata import MetadataColumns
 from memcluster.index.vector import HnswIndex, VectorIndex, exact_topk, topk
 from memcluster.storage.snapshot import SnapshotStore
 from memcluster.storage.wal import Wal
+
+Change = tuple[int, float, PutOp | DeleteOp]
+"""One applied change for the feed: (seq, the record's time, the operation)."""
 
 log = logging.getLogger("memcluster.shard")
 
@@ -138,6 +143,11 @@ class Shard:
         self.lock = threading.Lock()
         """Serializes writers; readers hold it briefly. Batches take it in shard order."""
         self._seal_lock = threading.Lock()
+        # The change feed: recent changes in memory, older ones from the WAL (read under
+        # _wal_read_lock, which truncation also takes, as Wal.records requires).
+        self._feed: list[Change] = []
+        self._feed_listeners: set[Callable[[], None]] = set()
+        self._wal_read_lock = threading.Lock()
         self._failed: str | None = None
         self._closed = False
         self.durability = coll.durability or config.durability
@@ -262,6 +272,64 @@ class Shard:
         if record.idem is not None:
             self._remember_idem(record.idem, versions)
         self.applied_seq = record.last_seq
+        self._feed.extend(
+            (record.seq + i, record.ts, op)
+            for i, op in enumerate(record.ops)
+            if isinstance(op, PutOp | DeleteOp)
+        )
+        if len(self._feed) > 2 * self.config.feed_buffer_events:
+            del self._feed[: len(self._feed) - self.config.feed_buffer_events]
+        for listener in self._feed_listeners:
+            listener()
+
+    # -- change feed ---------------------------------------------------------------------------
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every applied record, under the shard lock: it must be
+        quick and must not block (set an Event, schedule a wake-up)."""
+        with self.lock:
+            self._feed_listeners.add(callback)
+
+    def unlisten(self, callback: Callable[[], None]) -> None:
+        with self.lock:
+            self._feed_listeners.discard(callback)
+
+    def changes(self, after_seq: int, limit: int) -> list[Change]:
+        """Up to ``limit`` changes (seq, time, op) with seq > ``after_seq``, in seq order.
+
+        Recent ones come from memory, older ones from the WAL. CursorExpired when
+        ``after_seq`` is older than the WAL still holds (the message and ``oldest_seq`` say
+        where history starts)."""
+        with self.lock:
+            self._check_readable()
+            if after_seq >= self.applied_seq:
+                return []
+            feed = self._feed
+            if feed and feed[0][0] <= after_seq + 1:
+                start = bisect.bisect_right(feed, after_seq, key=lambda c: c[0])
+                return feed[start : start + limit]
+        with self._wal_read_lock:
+            first = self._wal.first_seq()
+            if after_seq + 1 < first:
+                raise CursorExpired(
+                    f"{self.name}: changes after seq {after_seq} are no longer retained; the"
+                    f" oldest is seq {first} (feed_retention_events ="
+                    f" {self.config.feed_retention_events})",
+                )
+            out: list[Change] = []
+            for record in self._wal.records(after_seq):
+                for i, op in enumerate(record.ops):
+                    seq = record.seq + i
+                    if seq > after_seq and isinstance(op, PutOp | DeleteOp):
+                        out.append((seq, record.ts, op))
+                if len(out) >= limit:
+                    break
+            return out[:limit]
+
+    def oldest_seq(self) -> int:
+        """The lowest seq the change feed can still deliver."""
+        with self._wal_read_lock:
+            return self._wal.first_seq()
 
     def _apply_put(self, op: PutOp, seq: int) -> None:
         dim = self.coll.dim
@@ -871,7 +939,10 @@ class Shard:
         self._snapshots.prune(self.config.snapshots_kept)
         kept = self._snapshots.seqs()
         if kept:
-            self._wal.truncate_before(kept[0])
+            # Keep feed_retention_events of history for change-feed cursors.
+            floor = max(0, self.applied_seq - self.config.feed_retention_events)
+            with self._wal_read_lock:
+                self._wal.truncate_before(min(kept[0], floor))
         self._wal_bytes_at_snapshot = wal_bytes
         log.info("%s: snapshot at seq %d", self.name, state.seq)
         return state.seq

@@ -254,6 +254,11 @@ class Wal(Protocol):
         """The size of the log on disk: the sum of its segments' sizes, headers included."""
         ...
 
+    def first_seq(self) -> int:
+        """The lowest seq ``records()`` can still return (``last_seq + 1`` when empty): what
+        truncation has left of the log's history."""
+        ...
+
     def close(self) -> None:
         """Make everything durable and release the files. Idempotent; every other call
         afterwards raises ``InvalidState``. On a failed WAL it releases the files and raises
@@ -737,6 +742,10 @@ class FileWal:
     def bytes_total(self) -> int:
         return self._bytes_total
 
+    def first_seq(self) -> int:
+        with self._lock:
+            return self._segments[0].first_seq if self._segments else self._last_seq + 1
+
     def close(self) -> None:
         with self._cond:
             if self._closed:
@@ -909,6 +918,13 @@ class MemoryWal:
 
     def bytes_total(self) -> int:
         return sum(self._sizes)
+
+    def first_seq(self) -> int:
+        with self._lock:
+            for segment in self._segments:
+                if segment:
+                    return segment[0][1].seq
+            return self._last_seq + 1
 
     def close(self) -> None:
         with self._lock:

@@ -62,6 +62,44 @@ Conversation
 * A frame the server cannot parse gets a best-effort ``"error"`` frame with id 0 and code
   ``protocol_error``; then the server closes the connection, because it can no longer tell
   where the next frame starts.
+
+Streams
+-------
+
+Some requests (a change feed, a topic subscription) produce many replies. Which kinds stream
+is the server's knowledge (the dispatcher's ``is_stream``); the client asks for a stream the
+same way it sends a request, and the two share one id space::
+
+    client                                      server
+      | -- {3, "watch",   WatchCall} ------------> |  a request whose kind streams
+      | <----------------- {3, "item", Change} --- |  zero or more items, in order
+      | -- {4, "get",     GetCall} --------------> |  ordinary requests go on meanwhile
+      | <----------------- {3, "item", Change} --- |
+      | <-------------------- {4, "ok", Record} -- |  frames of different ids interleave
+      | -- {3, "cancel",  {}} -------------------> |  optional: the client stops the stream
+      | <------------------------- {3, "end", {}} - |  exactly one final frame: "end" or "error"
+
+* The server answers a streaming request with zero or more ``"item"`` frames (body: one
+  item) and then exactly one final frame with the same id: ``"end"`` (body: an empty map,
+  :class:`memcluster.core.api.Empty`) when the producer finished or was cancelled, or
+  ``"error"`` (:class:`~memcluster.core.api.ErrorBody`) when it failed. Items of one stream
+  arrive in the order produced; frames of different streams and replies to requests
+  interleave freely. After the final frame the id is free again.
+* An error while producing ends the stream after the items already sent. An item over the
+  server's frame limit ends it with ``payload_too_large``.
+* The client stops a stream early with ``{id, "cancel", {}}``. The server stops the producer
+  and sends ``"end"``; if the stream had already ended, its final frame is on the way and the
+  cancel is ignored. A cancel for an id that is not a running stream (unknown, finished, or an
+  ordinary request, which cannot be cancelled) is ignored. Items sent before the server saw
+  the cancel still arrive, so a client drops frames for ids it no longer waits on.
+* A stream the server ends on its own gets ``"error"`` with code ``unreachable`` (retryable):
+  when the server shuts down (it does not wait for streams, which may never end) and when the
+  client half-closes the connection (it could no longer cancel). A client treats this exactly
+  like a lost connection: resubscribe, on another node if need be.
+* Flow control is TCP's: the server produces items only while the socket takes them, so a
+  client that stops reading stops the producer. There is no per-stream window, so a stream
+  whose consumer falls behind holds up every other frame on its connection; long-lived
+  subscriptions belong on a connection of their own.
 """
 
 from __future__ import annotations
@@ -104,7 +142,13 @@ WELCOME: Final = "welcome"
 OK: Final = "ok"
 """Kind of a successful reply (body: the operation's reply struct)."""
 ERROR: Final = "error"
-"""Kind of an error reply (body :class:`memcluster.core.api.ErrorBody`)."""
+"""Kind of an error reply (body :class:`memcluster.core.api.ErrorBody`); also ends a stream."""
+ITEM: Final = "item"
+"""Kind of one item of a stream (body: the item)."""
+END: Final = "end"
+"""Kind of the final frame of a stream that finished or was cancelled (body: an empty map)."""
+CANCEL: Final = "cancel"
+"""Kind of the client's request to stop a stream (body: an empty map)."""
 
 _COPY_BYTES_MAX = 64 << 10
 """Frames up to this size are copied out of the received chunk (cheaper than a memoryview

@@ -1,0 +1,233 @@
+"""Reading a collection's change feed: per-shard positions, filters, cursors.
+
+A subscription follows every shard of a collection from a position, a seq per shard. Its
+**cursor** is that vector, encoded::
+
+    cursor = base64url(msgpack([collection, [seq of shard 0, seq of shard 1, ...]]))
+
+Resuming with a cursor delivers every change after those positions, in each shard's order,
+with no gap and no duplicate. This holds while the shards still retain those changes (the
+newest ``feed_buffer_events`` in memory, up to ``feed_retention_events`` in the WAL).
+Changes of different shards are independent and have no common order.
+
+:class:`FeedReader` is the non-blocking core: :meth:`FeedReader.poll` returns the next
+events. The embedded iterator and the server's stream wait for a wake-up between polls; a
+shard calls every listener after it applies a record. A filter applies to puts, through the
+same compiled filter and columns as searches. Deletes, expiries and evictions carry no
+metadata, so a subscription delivers them for every memory under its namespace prefix.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from memcluster.core.codec import DeleteOp, DeleteReason, PutOp
+from memcluster.core.errors import CursorExpired, InvalidArgument
+from memcluster.core.types import Event, EventOp, Message
+from memcluster.index.filters import Filter
+from memcluster.index.metadata import MetadataColumns
+from memcluster.shard.coord import CoordShard
+from memcluster.shard.shard import Change, Shard
+
+_meta_decoder = msgspec.json.Decoder(dict[str, Any])
+_payload_decoder = msgspec.json.Decoder()
+_DELETE_OPS = {
+    DeleteReason.USER: EventOp.DELETE,
+    DeleteReason.EXPIRED: EventOp.EXPIRE,
+    DeleteReason.EVICTED: EventOp.EVICT,
+}
+
+
+def encode_cursor(collection: str, positions: Sequence[int]) -> str:
+    raw = msgspec.msgpack.encode((collection, list(positions)))
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, collection: str, shards: int) -> list[int]:
+    """The per-shard positions of ``cursor``; InvalidArgument if it is not one of this
+    collection's cursors."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        name, positions = msgspec.msgpack.decode(raw, type=tuple[str, list[int]])
+    except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
+        raise InvalidArgument(
+            "cursor is not a change-feed cursor: pass an event's cursor unchanged"
+        ) from None
+    if name != collection or len(positions) != shards or min(positions, default=0) < 0:
+        raise InvalidArgument(
+            f"cursor belongs to collection {name!r} with {len(positions)} shards, not to"
+            f" {collection!r} with {shards}"
+        )
+    return positions
+
+
+class FeedReader:
+    """Follows a collection's shards from a cursor, filtering; non-blocking."""
+
+    def __init__(
+        self,
+        collection: str,
+        shards: Sequence[Shard],
+        prefix: tuple[str, ...],
+        flt: Filter,
+        cursor: str | None,
+        *,
+        include_vectors: bool,
+        batch: int,
+    ) -> None:
+        self.collection = collection
+        self._shards = list(shards)
+        self._prefix = prefix
+        self._filter = flt
+        self._include_vectors = include_vectors
+        self._batch = batch
+        if cursor is None:
+            self.positions = [shard.applied_seq for shard in self._shards]
+        else:
+            self.positions = decode_cursor(cursor, collection, len(self._shards))
+        self._next_shard = 0
+
+    @property
+    def cursor(self) -> str:
+        """Where this reader stands: resume here to miss nothing."""
+        return encode_cursor(self.collection, self.positions)
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        for shard in self._shards:
+            shard.listen(callback)
+
+    def unlisten(self, callback: Callable[[], None]) -> None:
+        for shard in self._shards:
+            shard.unlisten(callback)
+
+    def poll(self) -> list[Event]:
+        """The next events (possibly none), from the shards in turn. CursorExpired (with the
+        oldest cursor that still works) when a position fell out of retention."""
+        for _ in range(len(self._shards)):
+            i = self._next_shard
+            self._next_shard = (i + 1) % len(self._shards)
+            try:
+                changes = self._shards[i].changes(self.positions[i], self._batch)
+            except CursorExpired as exc:
+                oldest = list(self.positions)
+                oldest[i] = self._shards[i].oldest_seq() - 1
+                raise CursorExpired(
+                    str(exc), oldest_cursor=encode_cursor(self.collection, oldest)
+                ) from None
+            if changes:
+                return self._events(i, changes)
+        return []
+
+    def _events(self, shard: int, changes: list[Change]) -> list[Event]:
+        prefix, n = self._prefix, len(self._prefix)
+        wanted = [c for c in changes if c[2].namespace[:n] == prefix]
+        metadata: list[dict[str, Any] | None] = [
+            _meta_decoder.decode(op.metadata) if isinstance(op, PutOp) else None
+            for _, _, op in wanted
+        ]
+        keep = np.ones(len(wanted), dtype=bool)
+        if not self._filter.is_empty and wanted:
+            columns = MetadataColumns(len(wanted))
+            for j, ((_, _, op), meta) in enumerate(zip(wanted, metadata, strict=True)):
+                if isinstance(op, PutOp):
+                    assert meta is not None
+                    columns.set(j, meta, op.created_at, op.updated_at)
+            is_put = np.array([isinstance(op, PutOp) for _, _, op in wanted], dtype=bool)
+            keep = ~is_put | self._filter.evaluate(columns, len(wanted))
+        events = []
+        positions = list(self.positions)
+        for (seq, ts, op), meta, ok in zip(wanted, metadata, keep.tolist(), strict=True):
+            if not ok:
+                continue
+            positions[shard] = seq
+            events.append(_event(self.collection, shard, seq, ts, op, meta, positions, self))
+        self.positions[shard] = changes[-1][0]
+        return events
+
+
+def _event(
+    collection: str,
+    shard: int,
+    seq: int,
+    ts: float,
+    op: PutOp | DeleteOp,
+    meta: dict[str, Any] | None,
+    positions: list[int],
+    reader: FeedReader,
+) -> Event:
+    cursor = encode_cursor(collection, positions)
+    if isinstance(op, DeleteOp):
+        return Event(
+            collection=collection,
+            namespace=op.namespace,
+            key=op.key,
+            op=_DELETE_OPS[op.reason],
+            version=seq,
+            time=ts,
+            shard=shard,
+            cursor=cursor,
+        )
+    vector = np.frombuffer(op.vector, dtype="<f4").copy() if reader._include_vectors else None
+    return Event(
+        collection=collection,
+        namespace=op.namespace,
+        key=op.key,
+        op=EventOp.PUT,
+        version=seq,
+        time=ts,
+        shard=shard,
+        cursor=cursor,
+        text=op.text,
+        metadata=meta,
+        vector=vector,
+    )
+
+
+class TopicReader:
+    """Follows one topic of the coordination shard from a cursor; non-blocking.
+
+    A topic cursor is ``encode_cursor("topic:" + topic, [seq])``: messages of every topic
+    share the coordination shard's seq, and the reader skips the other topics'.
+    """
+
+    def __init__(self, coord: CoordShard, topic: str, cursor: str | None, batch: int) -> None:
+        self.topic = topic
+        self._coord = coord
+        self._name = f"topic:{topic}"
+        self._batch = batch
+        if cursor is None:
+            self.position = coord.state.applied_seq
+        else:
+            self.position = decode_cursor(cursor, self._name, 1)[0]
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        self._coord.listen(callback)
+
+    def unlisten(self, callback: Callable[[], None]) -> None:
+        self._coord.unlisten(callback)
+
+    def poll(self) -> list[Message]:
+        try:
+            found = self._coord.messages(self.position, self._batch)
+        except CursorExpired as exc:
+            oldest = encode_cursor(self._name, [self._coord.oldest_seq() - 1])
+            raise CursorExpired(str(exc), oldest_cursor=oldest) from None
+        out = [
+            Message(
+                topic=op.topic,
+                payload=_payload_decoder.decode(op.payload),
+                seq=seq,
+                time=ts,
+                cursor=encode_cursor(self._name, [seq]),
+            )
+            for seq, ts, op in found
+            if op.topic == self.topic
+        ]
+        if found:
+            self.position = found[-1][0]
+        return out
