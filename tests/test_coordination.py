@@ -185,3 +185,49 @@ def test_counters_increment_atomically(store: Store, request: pytest.FixtureRequ
 def test_bad_coordination_calls_raise_clear_errors(store: Store, call: Any, error: type) -> None:
     with pytest.raises(error):
         call(store)
+
+
+def test_memories_on_a_lease_disappear_when_it_ends(store: Store) -> None:
+    coll = store.create_collection("working", dim=2, shards=2)
+    lease = store.grant_lease(ttl_s=30)
+    short = store.grant_lease(ttl_s=0.3)
+    for i in range(6):
+        coll.put(("agent-7",), f"w{i}", vector=[1, i], lease=lease)
+    coll.put_many([memcluster.Memory(namespace=("agent-8",), key="s", vector=[0, 1], lease=short)])
+    coll.put(("agent-7",), "keep", vector=[1, 0])
+    got = coll.get(("agent-7",), "w0")
+    assert got is not None
+    assert got.lease == lease
+    assert coll.count() == 8
+    store.revoke(lease)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and coll.count() > 1:
+        time.sleep(0.05)
+    assert [m.key for m in coll.iter()] == ["keep"]  # the revoked and the expired lease's
+    with pytest.raises(memcluster.LeaseExpired):
+        coll.put(("agent-7",), "late", vector=[1, 0], lease=lease)
+    assert coll.get(("agent-7",), "late") is None
+    # Writing the memory again without the lease detaches it.
+    third = store.grant_lease(ttl_s=30)
+    coll.put(("a",), "k", vector=[1, 0], lease=third)
+    coll.put(("a",), "k", vector=[1, 0])
+    store.revoke(third)
+    time.sleep(0.3)
+    assert coll.get(("a",), "k") is not None
+
+
+def test_lease_memories_are_reaped_after_a_restart(tmp_path: Any) -> None:
+    """The lease ends while the database is closed: reopening deletes its memories."""
+    from memcluster.core.clock import ManualClock
+    from memcluster.core.config import Config
+
+    clock = ManualClock()
+    config = Config(background=False)
+    with memcluster.open(tmp_path / "d", config, clock=clock) as db:
+        coll = db.create_collection("m", dim=2)
+        lease = db.grant_lease(ttl_s=5)
+        coll.put(("a",), "k", vector=[1, 0], lease=lease)
+    clock.advance(10)
+    with memcluster.open(tmp_path / "d", config, clock=clock) as db:
+        db.maintain()
+        assert db.collection("m").get(("a",), "k") is None

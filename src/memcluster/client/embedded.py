@@ -52,6 +52,7 @@ from memcluster.core.errors import (
     CollectionNotFound,
     InvalidArgument,
     InvalidState,
+    LeaseExpired,
     PayloadTooLarge,
     StaleToken,
 )
@@ -143,6 +144,7 @@ class Database:
         except BaseException:
             self._close_all()
             raise
+        self._reaper = _LeaseReaper(self)
         self._maintainer: Maintainer | None = None
         if config.background:
             self._maintainer = Maintainer(self._maintained, config)
@@ -189,7 +191,20 @@ class Database:
             return [s for c in self._collections.values() for s in c._shards]
 
     def _maintained(self) -> list[Maintained]:
-        return [self._coord, *self._all_shards()]
+        return [self._coord, self._reaper, *self._all_shards()]
+
+    def _live_lease(self, lease: object) -> int:
+        """A memory's ``lease`` option as the id to record (0: none), checked alive."""
+        if lease is None:
+            return 0
+        if isinstance(lease, bool) or not isinstance(lease, int) or lease < 1:
+            raise InvalidArgument(f"lease is {lease!r}; pass an id that grant_lease returned")
+        if not self._coord.lease_alive(lease):
+            raise LeaseExpired(
+                f"lease {lease} does not exist or has expired: grant a new one with"
+                " grant_lease(ttl_s)"
+            )
+        return lease
 
     def maintain(self) -> None:
         """Run background work (indexing, TTL sweeps, snapshots) to completion, now.
@@ -460,6 +475,27 @@ def _follow(
         wake.wait(wait_s)
 
 
+class _LeaseReaper:
+    """Deletes the memories of leases that ended, from the background step (and after a
+    restart, since it compares what shards reference with the leases alive)."""
+
+    name = "lease reaper"
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def maintain(self) -> bool:
+        shards = self._db._all_shards()
+        referenced = set().union(*(shard.leases() for shard in shards)) if shards else set()
+        if not referenced:
+            return False
+        alive = {lease for lease in referenced if self._db._coord.lease_alive(lease)}
+        more = False
+        for shard in shards:
+            more |= shard.reap_leases(alive) >= self._db.config.expire_batch_items_max
+        return more
+
+
 def _encode_payload(payload: Any, config: Config) -> bytes:
     try:
         data = msgspec.json.encode(payload)
@@ -556,6 +592,7 @@ class Collection:
                     metadata=validation.metadata(m.metadata, cfg),
                     ttl_s=validation.ttl(m.ttl_s),
                     if_version=validation.if_version(m.if_version),
+                    lease=self._db._live_lease(m.lease),
                 )
             )
         return prepared
@@ -570,14 +607,17 @@ class Collection:
         ttl_s: float | None = None,
         if_version: int | None = None,
         fence: tuple[str, int] | None = None,
+        lease: int | None = None,
     ) -> int:
         """Insert or replace the memory at (namespace, key); returns its new version.
 
         ``if_version=0`` writes only if the memory is absent, ``if_version=N`` only if its
         version is N (else VersionConflict). ``ttl_s`` makes it expire (default: the
         collection's ``ttl_s``). ``fence=(lock, token)`` writes only while ``token`` holds
-        the lock (else StaleToken). Acknowledged after fsync unless the collection's
-        durability says otherwise.
+        the lock (else StaleToken). ``lease`` attaches the memory to a lease
+        (``db.grant_lease``): it is deleted when the lease ends, so an agent's working memory
+        dies with the agent. Acknowledged after fsync unless the collection's durability says
+        otherwise.
         """
         memory = Memory(
             # Validated in put_many; a list is accepted as a tuple.
@@ -590,6 +630,7 @@ class Collection:
             metadata=cast(dict[str, Any], {} if metadata is None else metadata),
             ttl_s=ttl_s,
             if_version=if_version,
+            lease=lease,
         )
         return self.put_many([memory], fence=fence)[0]
 

@@ -579,6 +579,7 @@ class AsyncCollection:
         ttl_s: float | None = None,
         if_version: int | None = None,
         fence: tuple[str, int] | None = None,
+        lease: int | None = None,
     ) -> int:
         """Insert or replace one memory; returns its new version (see the embedded ``put``)."""
         memory = Memory(
@@ -589,6 +590,7 @@ class AsyncCollection:
             metadata=cast(dict[str, Any], {} if metadata is None else metadata),
             ttl_s=ttl_s,
             if_version=if_version,
+            lease=lease,
         )
         return (await self.put_many([memory], fence=fence))[0]
 

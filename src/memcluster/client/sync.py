@@ -297,10 +297,11 @@ class Collection:
         ttl_s: float | None = None,
         if_version: int | None = None,
         fence: tuple[str, int] | None = None,
+        lease: int | None = None,
     ) -> int:
         """Insert or replace one memory; returns its new version."""
         return self._run(
-            self._async.put(namespace, key, text, vector, metadata, ttl_s, if_version, fence)
+            self._async.put(namespace, key, text, vector, metadata, ttl_s, if_version, fence, lease)
         )
 
     def put_many(

@@ -7,6 +7,7 @@ fields at the end with defaults, never reorder):
 
     Record   = [seq, ts, ops, idem]
     PutOp    = ["p", namespace, key, text, vector, metadata, created_at, updated_at, expires_at]
+    LeasedPutOp = ["pl", ...the fields of PutOp..., lease]   a put attached to a lease
     DeleteOp = ["d", namespace, key, reason]
 
 The coordination shard (leases, locks, semaphores, counters) writes its own operations into
@@ -55,6 +56,13 @@ class PutOp(msgspec.Struct, frozen=True, array_like=True, tag="p"):
     created_at: float
     updated_at: float
     expires_at: float | None
+
+
+class LeasedPutOp(PutOp, frozen=True, array_like=True, tag="pl"):
+    """A put whose memory is attached to ``lease``: deleted when the lease ends. A subclass,
+    so every reader of PutOp handles it, and plain puts keep their format."""
+
+    lease: int
 
 
 class DeleteOp(msgspec.Struct, frozen=True, array_like=True, tag="d"):
@@ -139,7 +147,7 @@ CoordOp = (
     | CounterOp
     | PublishOp
 )
-Op = PutOp | DeleteOp | CoordOp
+Op = PutOp | LeasedPutOp | DeleteOp | CoordOp
 
 
 class Record(msgspec.Struct, frozen=True, array_like=True):

@@ -96,6 +96,9 @@ class Memory(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fi
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     ttl_s: float | None = None
     if_version: int | None = None
+    lease: int | None = None
+    """Write: attach the memory to this lease (``grant_lease``): it is deleted when the lease
+    ends. Read: the lease it is attached to, if any."""
     version: int = 0
     created_at: float = 0.0
     updated_at: float = 0.0

@@ -24,8 +24,8 @@ import logging
 import signal
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from typing import Any, cast
 
 import msgspec
 import uvicorn
@@ -116,9 +116,11 @@ class _Dispatcher:
         request = decode_body(envelope, op.request)
         collection = getattr(request, "collection", "")
         events = await self._service.stream(session, envelope.kind, collection, request)
-        async for event in events:
-            if event is not None:  # heartbeats are for HTTP; TCP keepalive covers this
-                yield event
+        # aclosing: a cancelled stream stops its feed reader now, not when collected.
+        async with contextlib.aclosing(cast(AsyncGenerator[Any, None], events)):
+            async for event in events:
+                if event is not None:  # heartbeats are for HTTP; TCP keepalive covers this
+                    yield event
 
 
 def _tls(listen: Listen) -> ssl.SSLContext | None:

@@ -47,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from memcluster.core.clock import Clock
-from memcluster.core.codec import DeleteOp, DeleteReason, Op, PutOp, Record
+from memcluster.core.codec import DeleteOp, DeleteReason, LeasedPutOp, Op, PutOp, Record
 from memcluster.core.config import Config
 from memcluster.core.errors import (
     CapacityExceeded,
@@ -86,6 +86,7 @@ class PreparedPut(msgspec.Struct, frozen=True):
     metadata: bytes
     ttl_s: float | None
     if_version: int | None
+    lease: int = 0
 
 
 class ShardState(msgspec.Struct, array_like=True):
@@ -107,6 +108,8 @@ class ShardState(msgspec.Struct, array_like=True):
     expires_at: bytes
     sealed: bytes
     idem: list[tuple[str, list[int]]]
+    leases: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    """(slot, lease) of every memory attached to a lease."""
 
 
 def _grow(array: npt.NDArray[Any], capacity: int, fill: Any) -> npt.NDArray[Any]:
@@ -188,6 +191,8 @@ class Shard:
         self._slot_key: list[str | None] = [None] * capacity
         self._slot_text: list[str | None] = [None] * capacity
         self._slot_meta: list[bytes | None] = [None] * capacity
+        self._slot_lease: dict[int, int] = {}
+        """slot -> the lease its memory is attached to (only attached slots)."""
         self._ns_ids: dict[tuple[str, ...], int] = {}
         self._ns_list: list[tuple[str, ...]] = []
         self._ns_count: dict[int, int] = {}
@@ -367,6 +372,10 @@ class Shard:
         self.live_bytes += nbytes
         self._slot_text[slot] = op.text
         self._slot_meta[slot] = op.metadata
+        if isinstance(op, LeasedPutOp):
+            self._slot_lease[slot] = op.lease
+        else:
+            self._slot_lease.pop(slot, None)
         self._columns.set(slot, _meta_decoder.decode(op.metadata), op.created_at, op.updated_at)
         if not self._in_buffer[slot]:
             self._in_buffer[slot] = True
@@ -389,6 +398,7 @@ class Shard:
         self._slot_key[slot] = None
         self._slot_text[slot] = None
         self._slot_meta[slot] = None
+        self._slot_lease.pop(slot, None)
         self._columns.clear(slot)
         if self._in_buffer[slot]:
             self._in_buffer[slot] = False
@@ -483,18 +493,17 @@ class Shard:
                 )
             ttl = item.ttl_s if item.ttl_s is not None else self.coll.ttl_s
             created = float(self._created[slot]) if current and slot is not None else now
-            puts.append(
-                PutOp(
-                    namespace=item.namespace,
-                    key=item.key,
-                    text=item.text,
-                    vector=item.vector.astype("<f4", copy=False).tobytes(),
-                    metadata=item.metadata,
-                    created_at=created,
-                    updated_at=now,
-                    expires_at=None if ttl is None else now + ttl,
-                )
+            fields = (
+                item.namespace,
+                item.key,
+                item.text,
+                item.vector.astype("<f4", copy=False).tobytes(),
+                item.metadata,
+                created,
+                now,
+                None if ttl is None else now + ttl,
             )
+            puts.append(LeasedPutOp(*fields, item.lease) if item.lease else PutOp(*fields))
         self._check_paths(items)
         ops: list[Op] = []
         ops.extend(self._victims(puts, now))
@@ -675,6 +684,7 @@ class Shard:
             created_at=float(self._created[slot]),
             updated_at=float(self._updated[slot]),
             expires_at=None if expires == INF else expires,
+            lease=self._slot_lease.get(slot),
         )
 
     def _touch(self, slots: Slots | list[int], now: float) -> None:
@@ -874,6 +884,31 @@ class Shard:
             self._write(Record(self.applied_seq + 1, now, ops))
             return len(expired) > len(batch)
 
+    def leases(self) -> set[int]:
+        """The leases that memories of this shard are attached to."""
+        with self.lock:
+            return set(self._slot_lease.values())
+
+    def reap_leases(self, alive: set[int]) -> int:
+        """Delete the memories attached to a lease not in ``alive`` (it ended); how many.
+
+        The database calls this from its background step, and so after a crash too: a
+        lease that ended while memories still referenced it cannot leave them behind."""
+        with self.lock:
+            if self._closed or self._failed is not None:
+                return 0
+            dead = [slot for slot, lease in self._slot_lease.items() if lease not in alive]
+            if not dead:
+                return 0
+            dead = dead[: self.config.expire_batch_items_max]
+            ops: list[Op] = [
+                DeleteOp(self._ns_list[self._ns[s]], self._slot_key[s] or "", DeleteReason.EXPIRED)
+                for s in dead
+            ]
+            token = self._write(Record(self.applied_seq + 1, self._clock.time(), ops))
+        self.commit(token)
+        return len(dead)
+
     def seal(self) -> bool:
         """Move one chunk of the exact buffer into the graph; True if more remain.
 
@@ -966,6 +1001,7 @@ class Shard:
             expires_at=self._expires[:n].tobytes(),
             sealed=(self._alive[:n] & self._in_graph[:n] & ~self._in_buffer[:n]).tobytes(),
             idem=list(self._idem.items()),
+            leases=sorted(self._slot_lease.items()),
         )
 
     def _load_state(self, state: ShardState) -> None:
@@ -1015,6 +1051,7 @@ class Shard:
         self._in_graph[:n] = True  # the saved graph may hold any slot: re-mark the dead ones
         self._pending_deletes = set(np.flatnonzero(~alive).tolist())
         self._idem = OrderedDict((k, list(v)) for k, v in state.idem)
+        self._slot_lease = dict(state.leases)
         self.applied_seq = state.seq
 
     @classmethod

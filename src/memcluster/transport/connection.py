@@ -97,6 +97,11 @@ receive buffer fills, and TCP flow control stops the client. What the server hol
 connection is bounded by ``max_in_flight`` requests and replies, ``max_streams`` streams with
 one burst of items each, one chunk of decoded frames, and asyncio's stream buffers.
 
+Errors on a connection stay on that connection: garbage bytes, an oversized frame or a bad
+envelope get a best-effort ``protocol_error`` frame (id 0) and the connection is closed. A
+client that disconnects mid-request does not disturb its requests in flight; they finish,
+and their replies, having nowhere to go, are dropped (with a debug log).
+
 Streams on the server
 ~~~~~~~~~~~~~~~~~~~~~
 
@@ -108,16 +113,15 @@ producer. The items of a burst go out in one write (at once if the producer wait
 meanwhile), and the server holds at most one burst of a stream beyond what the socket buffers
 hold. (Between two turns ``drain()`` would be pointless: the items written since the last one
 are still in the writer's coalescing buffer, which drain does not see.) The final frame is
-``"end"`` when the producer is exhausted,
-``"error"`` for a :class:`MemclusterError` it raises (any other exception is a bug: logged,
-code ``internal``). A stream counts toward :attr:`BinaryServer.in_flight` while it runs.
+``"end"`` when the producer is exhausted, ``"error"`` for a :class:`MemclusterError` it
+raises (any other exception is a bug: logged, code ``internal``). A stream counts toward
+:attr:`BinaryServer.in_flight` while it runs.
 
 Streams do not take the request slots of ``max_in_flight``: they may never end, and a reader
 waiting for a slot held by an endless stream could never read the ``"cancel"`` that frees
 it. Instead at most ``max_streams`` streams run per connection, and one more is refused at
-once with ``overloaded``. A stream is stopped before its producer is exhausted, the producer
-cancelled (the exception lands where it waits) and closed (an async generator's ``finally``
-runs):
+once with ``overloaded``. A stream is stopped early, its producer cancelled (the exception
+lands where it waits) and closed (an async generator's ``finally`` runs), in three cases:
 
 * by the client's ``"cancel"``: the final frame is ``"end"``;
 * when the reader stops (the client half-closed the connection or sent a bad frame) or the
@@ -130,11 +134,6 @@ Items share the connection's byte stream with everything else, so a stream produ
 than the client reads delays the replies queued behind its items, and a stream whose
 consumer has paused the client's reader (above) holds up the whole connection. Clients
 should give long subscriptions a connection of their own.
-
-Errors on a connection stay on that connection: garbage bytes, an oversized frame or a bad
-envelope get a best-effort ``protocol_error`` frame (id 0) and the connection is closed. A
-client that disconnects mid-request does not disturb its requests in flight; they finish,
-and their replies, having nowhere to go, are dropped (with a debug log).
 
 Graceful shutdown
 ~~~~~~~~~~~~~~~~~
@@ -1289,8 +1288,8 @@ class _ServerConnection:
                     f"binary protocol: the connection is closing (the client closed its side "
                     f"or sent a bad frame); the {envelope.kind} stream ended after {sent} items"
                 )
-            case unreachable:
-                assert_never(unreachable)
+            case never:
+                assert_never(never)
         return encode_frame(envelope.id, ERROR, error_body(error))
 
     async def _write_item(self, frame: bytes, *, turn: bool) -> bool:

@@ -75,9 +75,9 @@ same way it sends a request, and the two share one id space::
       | <----------------- {3, "item", Change} --- |  zero or more items, in order
       | -- {4, "get",     GetCall} --------------> |  ordinary requests go on meanwhile
       | <----------------- {3, "item", Change} --- |
-      | <-------------------- {4, "ok", Record} -- |  frames of different ids interleave
+      | <------------------- {4, "ok", Record} --- |  frames of different ids interleave
       | -- {3, "cancel",  {}} -------------------> |  optional: the client stops the stream
-      | <------------------------- {3, "end", {}} - |  exactly one final frame: "end" or "error"
+      | <---------------------- {3, "end", {}} --- |  exactly one final frame: "end" or "error"
 
 * The server answers a streaming request with zero or more ``"item"`` frames (body: one
   item) and then exactly one final frame with the same id: ``"end"`` (body: an empty map,
@@ -86,7 +86,8 @@ same way it sends a request, and the two share one id space::
   arrive in the order produced; frames of different streams and replies to requests
   interleave freely. After the final frame the id is free again.
 * An error while producing ends the stream after the items already sent. An item over the
-  server's frame limit ends it with ``payload_too_large``.
+  server's frame limit ends it with ``payload_too_large``. A server runs a limited number of
+  streams per connection; it refuses one more at once, with ``overloaded``.
 * The client stops a stream early with ``{id, "cancel", {}}``. The server stops the producer
   and sends ``"end"``; if the stream had already ended, its final frame is on the way and the
   cancel is ignored. A cancel for an id that is not a running stream (unknown, finished, or an
