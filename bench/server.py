@@ -211,6 +211,24 @@ def machine() -> dict[str, Any]:
     }
 
 
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, as /proc/loadavg gives them."""
+    return _loadavg()
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """The header line that names the machine and the code measured (from :func:`machine`,
+    after the run has added ``loadavg_end``)."""
+    return (
+        f"machine: {m['nproc']} cpus ({m['cpu']}), {m['memory_gib']} GiB RAM,"
+        f" Python {m['python']}, numpy {m['numpy']}, uvloop {m['uvloop']};"
+        f" memcluster {m['memcluster_commit']} (src sha256 {m['src_sha256']}"
+        f"{', CHANGED DURING THE RUN' if m.get('src_changed_during_run') else ''}); {m['time']};"
+        f" load average {m['loadavg_start']} at start, {m['loadavg_end']} at end;"
+        f" BLAS threads {m['blas_threads']}"
+    )
+
+
 def src_fingerprint() -> str:
     """The first 12 hex digits of a SHA-256 over every file under src/ (path and bytes): names
     the code measured even when the tree differs from the commit."""
@@ -238,6 +256,13 @@ def _commit() -> str:
 
 
 # -- the server process --------------------------------------------------------------------
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads), from /proc."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # fields 3.. of proc(5); utime is 14, stime 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class ServerProcess:
@@ -291,9 +316,7 @@ class ServerProcess:
 
     def cpu_s(self) -> float:
         """User + system CPU seconds of the server process so far (all its threads)."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()  # fields 3.. of proc(5); utime is 14, stime 15
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_s(self.pid)
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -1155,15 +1178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = uvloop.run(run(args))
     out = Console() if sys.stdout.isatty() else Console(width=200)
     m, p = report.machine, report.params
-    out.print(
-        f"machine: {m['nproc']} cpus ({m['cpu']}), {m['memory_gib']} GiB RAM,"
-        f" Python {m['python']}, numpy {m['numpy']}, uvloop {m['uvloop']};"
-        f" memcluster {m['memcluster_commit']} (src sha256 {m['src_sha256']}"
-        f"{', CHANGED DURING THE RUN' if m.get('src_changed_during_run') else ''}); {m['time']};"
-        f" load average {m['loadavg_start']} at start, {m['loadavg_end']} at end;"
-        f" BLAS threads {m['blas_threads']}",
-        highlight=False,
-    )
+    out.print(machine_line(m), highlight=False)
     out.print(
         f"data: {p['n']:,} x {p['dim']} clustered unit vectors (bench/data.py, seed {p['seed']}),"
         f" cosine; {p['queries']} queries; server: memcluster serve, durability"
