@@ -3,8 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# apt-get needs root: sudo unless we are root already.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test test-fast verify fix bench up clean
+.PHONY: install test test-fast verify fix bench etcd up clean
 
 install: $(STAMP)
 
@@ -30,9 +32,14 @@ fix: $(STAMP)
 	$(BIN)/ruff format src tests bench
 	$(BIN)/ruff check --fix src tests bench
 
-bench: $(STAMP)
+bench: $(STAMP) etcd
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.server
+	$(BIN)/python -m bench.agents
+
+# The etcd server that bench.agents measures beside memcluster (Debian's etcd-server).
+etcd:
+	command -v etcd >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y etcd-server)
 
 up: $(STAMP)
 	$(BIN)/memcluster serve --data ./memcluster-data
