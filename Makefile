@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) etcd
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) etcd
 	$(BIN)/python -m pytest -m "not slow"
 
 verify: $(STAMP)
@@ -37,7 +37,7 @@ bench: $(STAMP) etcd
 	$(BIN)/python -m bench.server
 	$(BIN)/python -m bench.agents
 
-# The etcd server that bench.agents measures beside memcluster (Debian's etcd-server).
+# etcd (Debian's etcd-server): the cluster's tests run it, bench.agents measures beside it.
 etcd:
 	command -v etcd >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y etcd-server)
 

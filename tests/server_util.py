@@ -19,7 +19,9 @@ class ServerProcess:
     signalled.
     """
 
-    def __init__(self, data: Path, *extra: str, start_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, data: Path, *extra: str, command: str = "serve", start_timeout_s: float = 30.0
+    ) -> None:
         self.data = data
         self.extra = extra
         self.proc = subprocess.Popen(
@@ -27,14 +29,14 @@ class ServerProcess:
                 sys.executable,
                 "-m",
                 "memcluster.cli.main",
-                "serve",
+                command,
                 "--data",
                 str(data),
                 "--http-port",
                 "0",
                 "--peer-port",
                 "0",
-                "--quiet",
+                *(["--quiet"] if command == "serve" else []),
                 *extra,
             ],
             stdout=subprocess.PIPE,
@@ -56,7 +58,7 @@ class ServerProcess:
             self.kill()
             err = self.proc.stderr.read() if self.proc.stderr else ""
             raise RuntimeError(f"server did not start: {line!r} {err[-2000:]}")
-        _, self.http_url, self.mc_url = line.split()
+        _, self.http_url, self.mc_url = line.split()[:3]
 
     @property
     def pid(self) -> int:

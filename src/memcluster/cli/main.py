@@ -29,6 +29,7 @@ from memcluster.cli.data import (
     search_command,
     status_command,
 )
+from memcluster.cli.node import node_command
 from memcluster.cli.serve import serve_command
 from memcluster.core.codec import DeleteOp, Op, PutOp
 from memcluster.core.config import Config
@@ -190,6 +191,7 @@ def inspect_snapshot(path: Path) -> None:
 
 
 main.add_command(serve_command)
+main.add_command(node_command)
 main.add_command(status_command)
 main.add_command(collections_group)
 main.add_command(put_command)

@@ -121,6 +121,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     coord_waiters_max: int = 1_024
     """Blocked acquires a server serves at once (each waits on a thread of its own pool)."""
 
+    # -- cluster -------------------------------------------------------------------------------
+    node_lease_ttl_s: float = 5.0
+    """A node's membership lease in etcd: it is renewed every third of this, and a node that
+    stops renewing is declared down once it expires."""
+
     # -- server --------------------------------------------------------------------------------
     request_bytes_max: int = 64 << 20
     """Largest HTTP request body and binary protocol frame (a full batch of 10,000 memories of

@@ -1,0 +1,132 @@
+"""``memcluster node``: run one node of a cluster (a server that registers itself in etcd)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+import uvloop
+
+import memcluster
+from memcluster.cluster.coordinator import EtcdCoordinator
+from memcluster.cluster.keys import NodeInfo
+from memcluster.cluster.membership import Member
+from memcluster.core.config import Config
+from memcluster.core.errors import MemclusterError
+from memcluster.node.auth import Auth
+from memcluster.node.server import Listen, serve
+
+
+async def _run(
+    db: memcluster.Database,
+    config: Config,
+    listen: Listen,
+    *,
+    node_id: str,
+    etcd: str,
+    cluster: str,
+    advertise: str,
+) -> None:
+    coord = EtcdCoordinator(etcd)
+    stop = asyncio.Event()
+    ports: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(
+                serve(
+                    db,
+                    config,
+                    listen,
+                    node=node_id,
+                    auth=Auth(None),
+                    ready=lambda http, peer: ports.set_result((http, peer)),
+                    stop=stop,
+                )
+            )
+            http, peer = await ports
+            info = NodeInfo(
+                id=node_id,
+                http_url=f"http://{advertise}:{http}",
+                peer_url=f"mc://{advertise}:{peer}",
+                started_at=time.time(),
+            )
+            member = Member(coord, cluster, info, lease_ttl_s=config.node_lease_ttl_s)
+            tasks.create_task(member.run())
+            await member.registered.wait()
+            click.echo(f"listening {info.http_url} {info.peer_url} node {node_id} up", color=False)
+            sys.stdout.flush()
+            await stop.wait()
+            await member.leave()
+    finally:
+        await coord.close()
+
+
+@click.command("node")
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="This node's data directory.",
+)
+@click.option("--etcd", required=True, help="etcd endpoint, http://HOST:2379.")
+@click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
+@click.option("--name", "node_id", required=True, help="This node's id (stable across restarts).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--advertise", default=None, help="Address other nodes and clients use (default: host)."
+)
+@click.option("--http-port", default=7700, show_default=True, help="HTTP API port (0: any free).")
+@click.option("--peer-port", default=7701, show_default=True, help="Binary protocol port (0: any).")
+def node_command(
+    data: Path,
+    etcd: str,
+    cluster: str,
+    node_id: str,
+    host: str,
+    advertise: str | None,
+    http_port: int,
+    peer_port: int,
+) -> None:
+    """Run one node of cluster CLUSTER: serve DATA and register in etcd under a lease.
+
+    The node renews its lease every third of `node_lease_ttl_s` (5 s): that is its
+    heartbeat, and a node that stops renewing is seen as down when the lease expires. On
+    SIGTERM or Ctrl-C it leaves at once (revokes its lease), then shuts down gracefully.
+    Today a node serves its own data directory; sharding collections over the nodes is the
+    next step (see the README).
+
+    \b
+    Example:
+      memcluster node --data ./n1 --etcd http://127.0.0.1:2379 --name n1 --http-port 7710
+    """
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = Config()
+    try:
+        db = memcluster.open(data, config)
+    except MemclusterError as exc:
+        click.echo(f"memcluster node: {exc}", err=True)
+        sys.exit(2)
+    listen = Listen(host=host, http_port=http_port, peer_port=peer_port)
+    try:
+        uvloop.run(
+            _run(
+                db,
+                config,
+                listen,
+                node_id=node_id,
+                etcd=etcd,
+                cluster=cluster,
+                advertise=advertise or host,
+            )
+        )
+    except* MemclusterError as group:
+        click.echo(f"memcluster node: {group.exceptions[0]}", err=True)
+        sys.exit(2)
+    finally:
+        db.close()

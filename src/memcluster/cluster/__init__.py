@@ -1,0 +1,1 @@
+"""Cluster coordination: etcd membership and shard map, placement, the controller."""
