@@ -85,7 +85,10 @@ def plan(
         actions.append(Assign(shard, node))
         load[node] += 1
     moves = 0
-    for shard, source in sorted((s, n) for s, n in owners.items() if n in draining and n in alive):
+    drained = sorted(
+        (s, n) for s, n in owners.items() if n is not None and n in draining and n in alive
+    )
+    for shard, source in drained:
         if moves >= moves_max:
             break
         target = least_loaded()
