@@ -45,7 +45,7 @@ from litestar.response.sse import ServerSentEventMessage
 from memcluster.core import api
 from memcluster.core.api import OPERATIONS
 from memcluster.core.errors import ERROR_TABLE, InvalidArgument, MemclusterError, error_details
-from memcluster.core.types import CollectionConfig, CollectionInfo, Page
+from memcluster.core.types import CollectionConfig, CollectionInfo
 from memcluster.node.service import Service
 
 log = logging.getLogger("memcluster.node")
@@ -191,54 +191,38 @@ def build_app(service: Service, *, request_bytes_max: int) -> Litestar:
         result: api.Empty = await call(request, "collections.drop", collection, api.Empty())
         return result
 
-    @post(_route("put"), status_code=200, summary="Put a batch of memories")
-    async def put(
-        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.PutBody]
-    ) -> api.PutReply:
-        result: api.PutReply = await call(request, "put", collection, data)
-        return result
+    def rpc(kind: str, summary: str) -> HTTPRouteHandler:
+        """A POST route whose JSON body is the operation's ``...Body`` struct; the collection,
+        for operations on one, comes from the path."""
+        op = OPERATIONS[kind]
+        annotations: dict[str, Any] = {"request": Request[Any, Any, Any]}
 
-    @post(_route("get"), status_code=200, summary="Get one memory (null when absent)")
-    async def get_memory(
-        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.KeyBody]
-    ) -> api.GetReply:
-        result: api.GetReply = await call(request, "get", collection, data)
-        return result
+        if "{collection}" in op.path:
 
-    @post(_route("delete"), status_code=200, summary="Delete one memory")
-    async def delete_memory(
-        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.DeleteBody]
-    ) -> api.DeleteReply:
-        result: api.DeleteReply = await call(request, "delete", collection, data)
-        return result
+            async def handler(request: Request[Any, Any, Any], collection: str, data: Any) -> Any:
+                return await call(request, kind, collection, data)
 
-    @post(_route("delete_where"), status_code=200, summary="Delete by namespace and filter")
-    async def delete_where(
-        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.ScopeBody]
-    ) -> api.CountReply:
-        result: api.CountReply = await call(request, "delete_where", collection, data)
-        return result
+            annotations["collection"] = FromPath[str]
+        else:
 
-    @post(_route("count"), status_code=200, summary="Count by namespace and filter")
-    async def count(
-        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.ScopeBody]
-    ) -> api.CountReply:
-        result: api.CountReply = await call(request, "count", collection, data)
-        return result
+            async def handler(request: Request[Any, Any, Any], data: Any) -> Any:  # type: ignore[misc]
+                return await call(request, kind, None, data)
 
-    @post(_route("list"), status_code=200, summary="One page of memories, in key order")
-    async def list_memories(
-        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.ListBody]
-    ) -> Page:
-        result: Page = await call(request, "list", collection, data)
-        return result
+        annotations["data"] = Annotated[op.body, Body(media_type=RequestEncodingType.JSON)]
+        annotations["return"] = op.reply
+        handler.__annotations__ = annotations
+        handler.__name__ = kind.replace(".", "_")
+        return post(_route(kind), status_code=200, summary=summary)(handler)
 
-    @post(_route("search"), status_code=200, summary="The k memories nearest a vector")
-    async def search(
-        request: Request[Any, Any, Any], collection: FromPath[str], data: JSONBody[api.SearchBody]
-    ) -> api.SearchReply:
-        result: api.SearchReply = await call(request, "search", collection, data)
-        return result
+    collection_routes = [
+        rpc("put", "Put a batch of memories"),
+        rpc("get", "Get one memory (null when absent)"),
+        rpc("delete", "Delete one memory"),
+        rpc("delete_where", "Delete by namespace and filter"),
+        rpc("count", "Count by namespace and filter"),
+        rpc("list", "One page of memories, in key order"),
+        rpc("search", "The k memories nearest a vector"),
+    ]
 
     @get(_route("feed_cursor"), summary="The change feed's current end, as a cursor")
     async def feed_cursor(
@@ -304,32 +288,17 @@ def build_app(service: Service, *, request_bytes_max: int) -> Litestar:
 
         return ServerSentEvent(messages())
 
-    def coordination(kind: str, summary: str) -> HTTPRouteHandler:
-        """A route for an operation without a collection: the body is the whole request."""
-        op = OPERATIONS[kind]
-
-        async def handler(request: Request[Any, Any, Any], data: Any) -> Any:
-            return await call(request, kind, None, data)
-
-        handler.__annotations__ = {
-            "request": Request[Any, Any, Any],
-            "data": Annotated[op.body, Body(media_type=RequestEncodingType.JSON)],
-            "return": op.reply,
-        }
-        handler.__name__ = kind.replace(".", "_")
-        return post(op.path, status_code=200, summary=summary)(handler)
-
     coordination_routes = [
-        coordination("leases.grant", "Grant a lease of ttl_s seconds"),
-        coordination("leases.keepalive", "Extend a lease by its TTL"),
-        coordination("leases.revoke", "End a lease, releasing what it holds"),
-        coordination("locks.acquire", "Wait (FIFO) for a lock; returns its fencing token"),
-        coordination("locks.release", "Release a lock held with a token"),
-        coordination("semaphores.acquire", "Wait (FIFO) for one of N permits; returns its token"),
-        coordination("semaphores.release", "Give back a permit"),
-        coordination("counters.incr", "Add delta to a counter; returns the new value"),
-        coordination("counters.get", "A counter's value"),
-        coordination("topics.publish", "Publish a JSON payload on a topic; returns its seq"),
+        rpc("leases.grant", "Grant a lease of ttl_s seconds"),
+        rpc("leases.keepalive", "Extend a lease by its TTL"),
+        rpc("leases.revoke", "End a lease, releasing what it holds"),
+        rpc("locks.acquire", "Wait (FIFO) for a lock; returns its fencing token"),
+        rpc("locks.release", "Release a lock held with a token"),
+        rpc("semaphores.acquire", "Wait (FIFO) for one of N permits; returns its token"),
+        rpc("semaphores.release", "Give back a permit"),
+        rpc("counters.incr", "Add delta to a counter; returns the new value"),
+        rpc("counters.get", "A counter's value"),
+        rpc("topics.publish", "Publish a JSON payload on a topic; returns its seq"),
     ]
 
     return Litestar(
@@ -344,13 +313,7 @@ def build_app(service: Service, *, request_bytes_max: int) -> Litestar:
             create_collection,
             describe_collection,
             drop_collection,
-            put,
-            get_memory,
-            delete_memory,
-            delete_where,
-            count,
-            list_memories,
-            search,
+            *collection_routes,
         ],
         exception_handlers={
             MemclusterError: _on_memcluster_error,
