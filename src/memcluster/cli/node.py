@@ -12,6 +12,7 @@ import click
 import uvloop
 
 import memcluster
+from memcluster.cluster.controller import Controller
 from memcluster.cluster.coordinator import EtcdCoordinator
 from memcluster.cluster.keys import NodeInfo
 from memcluster.cluster.membership import Member
@@ -57,9 +58,12 @@ async def _run(
             member = Member(coord, cluster, info, lease_ttl_s=config.node_lease_ttl_s)
             tasks.create_task(member.run())
             await member.registered.wait()
+            controller = Controller(coord, cluster, node_id)
+            tasks.create_task(controller.run(lambda: member.lease))
             click.echo(f"listening {info.http_url} {info.peer_url} node {node_id} up", color=False)
             sys.stdout.flush()
             await stop.wait()
+            controller.stop()
             await member.leave()
     finally:
         await coord.close()
