@@ -11,11 +11,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from memcluster.cluster.coordinator import EtcdCoordinator, MemoryCoordinator, MemoryEtcd
-from memcluster.cluster.keys import NodeInfo
+from memcluster.cluster.coordinator import EtcdCoordinator, MemoryCoordinator, MemoryEtcd, leader
+from memcluster.cluster.keys import (
+    NodeInfo,
+    ShardAssignment,
+    collection_key,
+    controller_key,
+    decode,
+    encode,
+    shards_prefix,
+)
 from memcluster.cluster.membership import Member, MemberState, live_nodes
 from memcluster.core.clock import SystemClock
 from memcluster.core.config import Config
+from memcluster.core.types import CollectionConfig
 from server_util import ServerProcess
 from test_coordinator import EtcdProcess
 
@@ -105,3 +114,60 @@ def test_a_member_whose_lease_expired_registers_again() -> None:
         assert await live_nodes(coord, "c") == []
 
     asyncio.run(scenario())
+
+
+def _controller_and_map(etcd: EtcdProcess, cluster: str) -> tuple[str | None, dict[str, str]]:
+    async def read() -> tuple[str | None, dict[str, str]]:
+        coord = EtcdCoordinator(etcd.url)
+        try:
+            holder = await leader(coord, controller_key(cluster))
+            kvs, _ = await coord.get_prefix(shards_prefix(cluster))
+            shard_map = {
+                kv.key.decode().rsplit("shards/", 1)[1]: decode(
+                    kv.value, ShardAssignment, kv.key
+                ).leader
+                or ""
+                for kv in kvs
+            }
+            return holder, shard_map
+        finally:
+            await coord.close()
+
+    return asyncio.run(read())
+
+
+def test_the_controller_places_shards_and_moves_when_its_node_dies(
+    tmp_path: Path, etcd: EtcdProcess
+) -> None:
+    async def create() -> None:
+        coord = EtcdCoordinator(etcd.url)
+        try:
+            config = CollectionConfig(name="memories", dim=4, shards=4)
+            await coord.put(collection_key("ctl", "memories"), encode(config))
+        finally:
+            await coord.close()
+
+    nodes = {name: _node(tmp_path, etcd, name, "ctl") for name in ("a", "b")}
+    try:
+        # Both are up before the collection exists: placement spreads it over them (moving
+        # shards to a node that joins later needs shard transfer, not built yet).
+        assert set(_nodes(etcd, "ctl")) == {"a", "b"}
+        asyncio.run(create())
+        deadline = time.monotonic() + 15
+        while True:
+            holder, shard_map = _controller_and_map(etcd, "ctl")
+            if holder and len(shard_map) == 4:
+                break
+            assert time.monotonic() < deadline, (holder, shard_map)
+            time.sleep(0.2)
+        assert sorted(shard_map.values()) == ["a", "a", "b", "b"]
+        assert holder is not None
+        nodes[holder].kill()
+        survivor = "b" if holder == "a" else "a"
+        killed = time.monotonic()
+        while _controller_and_map(etcd, "ctl")[0] != survivor:
+            assert time.monotonic() - killed < TTL_S + 5, "the controller did not move"
+            time.sleep(0.2)
+    finally:
+        for node in nodes.values():
+            node.kill()
