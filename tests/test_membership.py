@@ -9,8 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
+from click.testing import CliRunner
 
+from memcluster.cli.main import main
 from memcluster.cluster.coordinator import EtcdCoordinator, MemoryCoordinator, MemoryEtcd, leader
 from memcluster.cluster.keys import (
     NodeInfo,
@@ -162,6 +165,16 @@ def test_the_controller_places_shards_and_moves_when_its_node_dies(
             time.sleep(0.2)
         assert sorted(shard_map.values()) == ["a", "a", "b", "b"]
         assert holder is not None
+        shown = CliRunner().invoke(
+            main, ["status", "--etcd", etcd.url, "--cluster", "ctl", "--json"]
+        )
+        assert shown.exit_code == 0, shown.output
+        view = msgspec.json.decode(shown.output)
+        assert sorted(n["id"] for n in view["nodes"]) == ["a", "b"]
+        assert view["controller"] == holder
+        assert [s["available"] for s in view["shards"]] == [True] * 4
+        table = CliRunner().invoke(main, ["status", "--etcd", etcd.url, "--cluster", "ctl"])
+        assert "shards held" in table.output
         nodes[holder].kill()
         survivor = "b" if holder == "a" else "a"
         killed = time.monotonic()

@@ -29,6 +29,7 @@ re-run after more batches than that writes its oldest batches again (a new versi
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import sys
@@ -59,7 +60,10 @@ from rich.text import Text
 
 import memcluster
 from memcluster.client.sync import Client, Collection
+from memcluster.cluster.coordinator import EtcdCoordinator
+from memcluster.cluster.view import ClusterView, cluster_view
 from memcluster.core import api
+from memcluster.core.errors import MemclusterError
 from memcluster.core.types import CollectionInfo, Eviction, Hit, Memory, Metric
 
 DEFAULT_URL = "http://127.0.0.1:7700"
@@ -247,14 +251,25 @@ NAMESPACE = NamespaceType()
 
 @click.command("status")
 @target_options
-def status_command(target: Target) -> None:
-    """Show the node's health and every collection's size.
+@click.option(
+    "--etcd", default=None, help="Show the cluster registered in this etcd instead of one node."
+)
+@click.option("--cluster", default="default", show_default=True, help="Cluster name (with --etcd).")
+def status_command(target: Target, etcd: str | None, cluster: str) -> None:
+    """Show the node's health and every collection's size, or a whole cluster with --etcd.
+
+    With --etcd: the nodes (up, addresses, shards held), the controller, the collections and
+    the shard map (each shard's epoch, leader, replicas, and whether it is available).
 
     \b
     Examples:
       memcluster status
       memcluster status --url mc://10.0.0.5:7701 --json
+      memcluster status --etcd http://127.0.0.1:2379 --cluster default
     """
+    if etcd is not None:
+        _cluster_status(etcd, cluster, target.as_json)
+        return
     with connect(target) as client:
         health = client.health()
         infos = _describe_all(client)
@@ -281,6 +296,49 @@ def status_command(target: Target) -> None:
                 f"{s.indexed_items:,}",
             )
         console.print(table)
+
+
+def _cluster_status(etcd: str, cluster: str, as_json: bool) -> None:
+    async def read() -> ClusterView:
+        coord = EtcdCoordinator(etcd)
+        try:
+            return await cluster_view(coord, cluster)
+        finally:
+            await coord.close()
+
+    try:
+        view = asyncio.run(read())
+    except* MemclusterError as group:
+        _exit_with(click.get_current_context(), str(group.exceptions[0]))
+    if as_json:
+        print_json(view)
+        return
+    console = _console()
+    console.print(
+        f"cluster [bold]{escape(cluster)}[/]: {len(view.nodes)} node(s) up, controller"
+        f" {escape(view.controller or 'none')}, etcd revision {view.revision}"
+    )
+    nodes = _table("node", "http", "binary", "shards held")
+    for node in view.nodes:
+        nodes.add_row(
+            _cell(node.id),
+            _cell(node.http_url),
+            _cell(node.peer_url),
+            str(view.shards_held(node.id)),
+        )
+    console.print(nodes)
+    shards = _table("collection", "shard", "epoch", "leader", "replicas", "state")
+    for s in view.shards:
+        a = s.assignment
+        shards.add_row(
+            _cell(s.collection),
+            str(s.shard),
+            str(a.epoch) if a else "-",
+            _cell(a.leader or "-") if a else "-",
+            _cell(",".join(a.replicas)) if a else "-",
+            "ok" if s.available else ("unplaced" if a is None else "[red]unavailable[/]"),
+        )
+    console.print(shards)
 
 
 def _describe_all(client: Client) -> list[CollectionInfo]:
