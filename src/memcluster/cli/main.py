@@ -31,6 +31,7 @@ from memcluster.cli.data import (
 )
 from memcluster.cli.node import node_command
 from memcluster.cli.serve import serve_command
+from memcluster.cli.up import up_command
 from memcluster.core.codec import DeleteOp, Op, PutOp
 from memcluster.core.config import Config
 from memcluster.core.errors import MemclusterError
@@ -192,6 +193,7 @@ def inspect_snapshot(path: Path) -> None:
 
 main.add_command(serve_command)
 main.add_command(node_command)
+main.add_command(up_command)
 main.add_command(status_command)
 main.add_command(collections_group)
 main.add_command(put_command)

@@ -1,0 +1,189 @@
+"""``memcluster up``: etcd and N nodes on this machine, for development and tests."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import click
+
+from memcluster.cluster.coordinator import EtcdCoordinator
+from memcluster.cluster.view import ClusterView, cluster_view
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _start_etcd(data: Path) -> tuple[subprocess.Popen[bytes], str]:
+    etcd = shutil.which("etcd")
+    if etcd is None:
+        raise click.ClickException(
+            "etcd is not on PATH: install it (`make etcd` installs Debian's etcd-server)"
+        )
+    client, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
+    data.mkdir(parents=True, exist_ok=True)
+    log = (data / "etcd.log").open("ab")
+    proc = subprocess.Popen(
+        [
+            etcd,
+            "--name=memcluster",
+            f"--data-dir={data / 'etcd'}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=memcluster={peer}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{client}/health", timeout=1) as reply:
+                if b'"true"' in reply.read():
+                    return proc, client
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise click.ClickException(f"etcd did not start; see {data / 'etcd.log'}")
+
+
+def _start_node(
+    data: Path, name: str, etcd: str, cluster: str
+) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memcluster.cli.main",
+            "node",
+            "--data",
+            str(data / name),
+            "--etcd",
+            etcd,
+            "--name",
+            name,
+            "--cluster",
+            cluster,
+            "--http-port",
+            "0",
+            "--peer-port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=(data / f"{name}.log").open("ab"),
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("listening "):
+        proc.kill()
+        raise click.ClickException(f"node {name} did not start; see {data / (name + '.log')}")
+    return proc, line.split()[1] + " " + line.split()[2]
+
+
+def _stop(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@click.command("up")
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 16))
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="./memcluster-cluster",
+    show_default=True,
+    help="Directory for etcd's and every node's data (kept across runs).",
+)
+@click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
+def up_command(nodes: int, data: Path, cluster: str) -> None:
+    """Start etcd (found on PATH) and NODES nodes on loopback, until Ctrl-C.
+
+    Prints each node's endpoints and a one-line health summary; Ctrl-C stops the nodes
+    (each leaves the cluster at once) and then etcd. Logs go to DATA/*.log. The cluster
+    layer is in progress: nodes register, elect a controller and get shards placed on
+    them, but each still serves its own data (see the README).
+
+    \b
+    Example:
+      memcluster up --nodes 3 --data /tmp/mc-cluster
+    """
+    data = data.resolve()
+    etcd, etcd_url = _start_etcd(data)
+    children: list[subprocess.Popen[str]] = []
+    try:
+        click.echo(f"etcd       {etcd_url}")
+        for i in range(1, nodes + 1):
+            proc, endpoints = _start_node(data, f"n{i}", etcd_url, cluster)
+            children.append(proc)
+            click.echo(f"node n{i}    {endpoints}")
+        view = _wait_for(etcd_url, cluster, nodes)
+        click.echo(
+            f"cluster {cluster} up: {len(view.nodes)}/{nodes} nodes, controller"
+            f" {view.controller or 'electing'}; `memcluster status --etcd {etcd_url}"
+            f" --cluster {cluster}` for details; Ctrl-C stops everything",
+        )
+        sys.stdout.flush()
+        stop = _wait_for_signal(children)
+        if stop is not None:
+            click.echo(f"a node exited ({stop}); stopping the cluster", err=True)
+    finally:
+        for proc in children:
+            _stop(proc)
+        _stop(etcd)
+    click.echo("stopped")
+
+
+def _wait_for(etcd: str, cluster: str, nodes: int) -> ClusterView:
+    async def read() -> ClusterView:
+        coord = EtcdCoordinator(etcd)
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                view = await cluster_view(coord, cluster)
+                if (len(view.nodes) >= nodes and view.controller) or time.monotonic() > deadline:
+                    return view
+                await asyncio.sleep(0.2)
+        finally:
+            await coord.close()
+
+    return asyncio.run(read())
+
+
+def _wait_for_signal(children: list[subprocess.Popen[str]]) -> str | None:
+    """Block until SIGINT/SIGTERM (None) or until a node exits (its description)."""
+    stopping = False
+
+    def handle(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    while not stopping:
+        for proc in children:
+            if proc.poll() is not None:
+                return f"pid {proc.pid}, exit code {proc.returncode}"
+        time.sleep(0.2)
+    return None
