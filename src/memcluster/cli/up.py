@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 
@@ -33,21 +34,8 @@ def _start_etcd(data: Path) -> tuple[subprocess.Popen[bytes], str]:
         )
     client, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
     data.mkdir(parents=True, exist_ok=True)
-    log = (data / "etcd.log").open("ab")
-    proc = subprocess.Popen(
-        [
-            etcd,
-            "--name=memcluster",
-            f"--data-dir={data / 'etcd'}",
-            f"--listen-client-urls={client}",
-            f"--advertise-client-urls={client}",
-            f"--listen-peer-urls={peer}",
-            f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=memcluster={peer}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with (data / "etcd.log").open("ab") as log:  # the child keeps its own copy
+        proc = _popen_etcd(etcd, data, client, peer, log)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -63,10 +51,42 @@ def _start_etcd(data: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise click.ClickException(f"etcd did not start; see {data / 'etcd.log'}")
 
 
+def _popen_etcd(
+    etcd: str, data: Path, client: str, peer: str, log: BinaryIO
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            etcd,
+            "--name=memcluster",
+            f"--data-dir={data / 'etcd'}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=memcluster={peer}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
 def _start_node(
     data: Path, name: str, etcd: str, cluster: str
 ) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
+    with (data / f"{name}.log").open("ab") as log:  # the child keeps its own copy
+        proc = _popen_node(data, name, etcd, cluster, log)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("listening "):
+        proc.kill()
+        raise click.ClickException(f"node {name} did not start; see {data / (name + '.log')}")
+    return proc, line.split()[1] + " " + line.split()[2]
+
+
+def _popen_node(
+    data: Path, name: str, etcd: str, cluster: str, log: BinaryIO
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -86,15 +106,9 @@ def _start_node(
             "0",
         ],
         stdout=subprocess.PIPE,
-        stderr=(data / f"{name}.log").open("ab"),
+        stderr=log,
         text=True,
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("listening "):
-        proc.kill()
-        raise click.ClickException(f"node {name} did not start; see {data / (name + '.log')}")
-    return proc, line.split()[1] + " " + line.split()[2]
 
 
 def _stop(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
