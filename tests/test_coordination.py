@@ -105,7 +105,7 @@ def test_waiters_are_granted_first_come_first_served(
         t = threading.Thread(target=wait, args=(i,))
         t.start()
         threads.append(t)
-        time.sleep(0.2)  # queue them in a known order
+        time.sleep(0.5)  # queue them in a known order (generous: CI machines are loaded)
     store.release_lock(name, holder)
     for t in threads:
         t.join(30)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import memcluster
 from memcluster import Memory
 from memcluster.core.config import Config
 from memcluster.core.types import Event, EventOp
+from memcluster.shard.feed import encode_cursor
 
 Store = Any
 
@@ -25,6 +25,9 @@ def _collect(
     coll: Any, out: list[Event], ready: threading.Event, **kwargs: Any
 ) -> threading.Thread:
     def run() -> None:
+        # From the feed's end as of now: nothing written after ready is missed, however
+        # late the subscription reaches the server.
+        kwargs.setdefault("cursor", coll.feed_cursor())
         events = coll.subscribe(idle_timeout_s=1.5, **kwargs)
         ready.set()
         for event in events:
@@ -37,7 +40,6 @@ def _collect(
 
 def _started(ready: threading.Event) -> None:
     assert ready.wait(10)
-    time.sleep(0.3)  # the subscription is open on the server before writes begin
 
 
 def test_subscribers_see_puts_and_deletes_in_order_with_filters(store: Store) -> None:
@@ -84,8 +86,10 @@ def test_resuming_from_cursors_at_random_points_misses_and_repeats_nothing(
     ready = threading.Event()
     done = threading.Event()
 
+    start = coll.feed_cursor()
+
     def reader() -> None:
-        cursor: str | None = None
+        cursor: str | None = start
         while True:
             take = rng.randint(1, 15)
             events = coll.subscribe(cursor=cursor, idle_timeout_s=1.0)
@@ -169,8 +173,6 @@ def test_a_cursor_past_retention_gets_the_oldest_cursor(tmp_path: Path) -> None:
 
 def _start_cursor(coll: memcluster.Collection) -> str:
     """The cursor before every change: all shard positions at 0."""
-    from memcluster.shard.feed import encode_cursor
-
     return encode_cursor(coll.name, [0] * coll.config.shards)
 
 
@@ -178,8 +180,12 @@ def test_topics_deliver_published_messages_and_resume_from_cursors(store: Store)
     got: list[Any] = []
     ready = threading.Event()
 
+    # Subscribe from a marker message, so that nothing published after it is missed however
+    # late the subscription reaches the server.
+    start = encode_cursor("topic:alerts", [store.publish("alerts", "marker")])
+
     def listen() -> None:
-        messages = store.subscribe("alerts", idle_timeout_s=1.5)
+        messages = store.subscribe("alerts", cursor=start, idle_timeout_s=1.5)
         ready.set()
         got.extend(messages)
 

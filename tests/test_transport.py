@@ -920,7 +920,9 @@ def test_client_that_never_reads_replies_cannot_push_more_than_max_in_flight_cal
             reader, writer = await raw_connect(server.port, receive_buffer_bytes=16 << 10)
             writer.write(HELLO_FRAME)
             writer.write(b"".join(encode_frame(i, "big", Echo(tag=i)) for i in range(1, count + 1)))
-            await asyncio.sleep(0.3)
+            # Wait until the server is stuck (not a fixed sleep: a loaded machine is slower).
+            await eventually(lambda: server.in_flight == 8, "8 calls stuck in flight")
+            await asyncio.sleep(0.1)
             assert toy.max_active <= 8
             assert server.in_flight == 8
             # The kernel buffers some replies (here about 1,900: a 4 MiB send buffer); the
