@@ -36,13 +36,14 @@ bench: $(STAMP) etcd
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.server
 	$(BIN)/python -m bench.agents
+	$(BIN)/python -m bench.cluster --json bench/out/cluster.json
 
 # etcd (Debian's etcd-server): the cluster's tests run it, bench.agents measures beside it.
 etcd:
 	command -v etcd >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y etcd-server)
 
-up: $(STAMP)
-	$(BIN)/memcluster serve --data ./memcluster-data
+up: $(STAMP) etcd
+	$(BIN)/memcluster up --nodes 3 --data ./memcluster-cluster
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

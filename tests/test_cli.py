@@ -151,6 +151,14 @@ def test_collections_create_list_and_drop(server: ServerProcess) -> None:
         "namespace_capacity_items": None,
         "eviction": "lru",
         "durability": None,
+        "shard_key": "key",
+        "range_field": None,
+        "boundaries": None,
+        "centroids": None,
+        "nprobe": None,
+        "range_shards": None,
+        "split_items": None,
+        "train_after": None,
     }
 
     refused = run("collections", "drop", "coll-a", "--url", url, input="n\n")

@@ -152,8 +152,7 @@ def test_the_controller_places_shards_and_moves_when_its_node_dies(
 
     nodes = {name: _node(tmp_path, etcd, name, "ctl") for name in ("a", "b")}
     try:
-        # Both are up before the collection exists: placement spreads it over them (moving
-        # shards to a node that joins later needs shard transfer, not built yet).
+        # Both are up before the collection exists: placement spreads it over them.
         assert set(_nodes(etcd, "ctl")) == {"a", "b"}
         asyncio.run(create())
         deadline = time.monotonic() + 15
@@ -172,7 +171,8 @@ def test_the_controller_places_shards_and_moves_when_its_node_dies(
         view = msgspec.json.decode(shown.output)
         assert sorted(n["id"] for n in view["nodes"]) == ["a", "b"]
         assert view["controller"] == holder
-        assert [s["available"] for s in view["shards"]] == [True] * 4
+        assert [s["collection"] for s in view["shards"]] == ["#coordination"] + ["memories"] * 4
+        assert all(s["available"] for s in view["shards"])
         table = CliRunner().invoke(main, ["status", "--etcd", etcd.url, "--cluster", "ctl"])
         assert "shards held" in table.output
         nodes[holder].kill()

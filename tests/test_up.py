@@ -29,6 +29,8 @@ def test_up_starts_a_cluster_and_ctrl_c_stops_it(tmp_path: Path) -> None:
             str(tmp_path / "c"),
             "--cluster",
             "t",
+            "--port",
+            "0",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

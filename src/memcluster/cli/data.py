@@ -318,15 +318,26 @@ def _cluster_status(etcd: str, cluster: str, as_json: bool) -> None:
         f"cluster [bold]{escape(cluster)}[/]: {len(view.nodes)} node(s) up, controller"
         f" {escape(view.controller or 'none')}, etcd revision {view.revision}"
     )
-    nodes = _table("node", "http", "binary", "shards held")
+    nodes = _table("node", "state", "http", "binary", "shards held", "data")
     for node in view.nodes:
         nodes.add_row(
             _cell(node.id),
+            "draining" if node.id in view.draining else "up",
             _cell(node.http_url),
             _cell(node.peer_url),
             str(view.shards_held(node.id)),
+            _size(node.data_bytes),
         )
+    for down in view.down:
+        nodes.add_row(_cell(down), "[red]down[/]", "-", "-", str(view.shards_held(down)), "-")
     console.print(nodes)
+    if view.collections:
+        colls = _table("collection", "dim", "metric", "shards", "sharding")
+        for c in view.collections:
+            colls.add_row(
+                _cell(c.name), str(c.dim), c.metric.value, str(c.shards), c.sharding.value
+            )
+        console.print(colls)
     shards = _table("collection", "shard", "epoch", "leader", "replicas", "state")
     for s in view.shards:
         a = s.assignment
@@ -339,6 +350,15 @@ def _cluster_status(etcd: str, cluster: str, as_json: bool) -> None:
             "ok" if s.available else ("unplaced" if a is None else "[red]unavailable[/]"),
         )
     console.print(shards)
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:,.0f} B" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return f"{size:,.1f} GB"
 
 
 def _describe_all(client: Client) -> list[CollectionInfo]:

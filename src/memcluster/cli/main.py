@@ -29,6 +29,7 @@ from memcluster.cli.data import (
     search_command,
     status_command,
 )
+from memcluster.cli.drain import drain_command
 from memcluster.cli.node import node_command
 from memcluster.cli.serve import serve_command
 from memcluster.cli.up import up_command
@@ -194,6 +195,7 @@ def inspect_snapshot(path: Path) -> None:
 main.add_command(serve_command)
 main.add_command(node_command)
 main.add_command(up_command)
+main.add_command(drain_command)
 main.add_command(status_command)
 main.add_command(collections_group)
 main.add_command(put_command)

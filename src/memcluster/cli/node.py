@@ -11,41 +11,64 @@ from pathlib import Path
 import click
 import uvloop
 
-import memcluster
 from memcluster.cluster.controller import Controller
 from memcluster.cluster.coordinator import EtcdCoordinator
+from memcluster.cluster.dataplane import DataPlane, Peers
+from memcluster.cluster.host import ShardHost
 from memcluster.cluster.keys import NodeInfo
 from memcluster.cluster.membership import Member
+from memcluster.cluster.shardmap import ShardMap
+from memcluster.core.clock import SystemClock
 from memcluster.core.config import Config
 from memcluster.core.errors import MemclusterError
 from memcluster.node.auth import Auth
 from memcluster.node.server import Listen, serve
+from memcluster.query.router import ClusterStore
 
 
 async def _run(
-    db: memcluster.Database,
     config: Config,
     listen: Listen,
     *,
+    data: Path,
     node_id: str,
     etcd: str,
     cluster: str,
     advertise: str,
 ) -> None:
+    loop = asyncio.get_running_loop()
+    host = await loop.run_in_executor(None, ShardHost, data / "shards", config, SystemClock())
     coord = EtcdCoordinator(etcd)
+    shard_map = ShardMap(coord, cluster)
+    peers = Peers(max_frame_bytes=config.request_bytes_max)
+    dataplane = DataPlane(host, shard_map, coord, peers, config, node_id=node_id)
+    store = ClusterStore(
+        node_id=node_id,
+        shard_map=shard_map,
+        dataplane=dataplane,
+        peers=peers,
+        coord=coord,
+        loop=loop,
+        config=config,
+    )
     stop = asyncio.Event()
-    ports: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+    ports: asyncio.Future[tuple[int, int]] = loop.create_future()
     try:
         async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(shard_map.run())
+            await shard_map.loaded.wait()
+            tasks.create_task(dataplane.run())
             tasks.create_task(
                 serve(
-                    db,
+                    store,
                     config,
                     listen,
                     node=node_id,
                     auth=Auth(None),
                     ready=lambda http, peer: ports.set_result((http, peer)),
                     stop=stop,
+                    internal=dataplane.handlers,
+                    internal_streams=dataplane.streams,
                 )
             )
             http, peer = await ports
@@ -58,15 +81,28 @@ async def _run(
             member = Member(coord, cluster, info, lease_ttl_s=config.node_lease_ttl_s)
             tasks.create_task(member.run())
             await member.registered.wait()
-            controller = Controller(coord, cluster, node_id)
+            controller = Controller(coord, cluster, node_id, peers=peers)
             tasks.create_task(controller.run(lambda: member.lease))
+            reporter = tasks.create_task(_report(member, host))
             click.echo(f"listening {info.http_url} {info.peer_url} node {node_id} up", color=False)
             sys.stdout.flush()
             await stop.wait()
+            reporter.cancel()
             controller.stop()
+            shard_map.stop()
+            dataplane.close()
             await member.leave()
     finally:
+        await peers.close()
         await coord.close()
+        await loop.run_in_executor(None, host.close)
+
+
+async def _report(member: Member, host: ShardHost) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await member.report(await loop.run_in_executor(None, host.data_bytes))
+        await asyncio.sleep(5.0)
 
 
 @click.command("node")
@@ -85,6 +121,14 @@ async def _run(
 )
 @click.option("--http-port", default=7700, show_default=True, help="HTTP API port (0: any free).")
 @click.option("--peer-port", default=7701, show_default=True, help="Binary protocol port (0: any).")
+@click.option(
+    "--lease-ttl",
+    "lease_ttl_s",
+    type=float,
+    default=Config().node_lease_ttl_s,
+    show_default=True,
+    help="Seconds without a heartbeat after which the node counts as down.",
+)
 def node_command(
     data: Path,
     etcd: str,
@@ -94,14 +138,15 @@ def node_command(
     advertise: str | None,
     http_port: int,
     peer_port: int,
+    lease_ttl_s: float,
 ) -> None:
     """Run one node of cluster CLUSTER: serve DATA and register in etcd under a lease.
 
     The node renews its lease every third of `node_lease_ttl_s` (5 s): that is its
     heartbeat, and a node that stops renewing is seen as down when the lease expires. On
     SIGTERM or Ctrl-C it leaves at once (revokes its lease), then shuts down gracefully.
-    Today a node serves its own data directory; sharding collections over the nodes is the
-    next step (see the README).
+    The node holds the shards the controller gives it under DATA/shards, and answers any
+    request for any collection, forwarding to the nodes that hold the shards.
 
     \b
     Example:
@@ -110,19 +155,14 @@ def node_command(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    config = Config()
-    try:
-        db = memcluster.open(data, config)
-    except MemclusterError as exc:
-        click.echo(f"memcluster node: {exc}", err=True)
-        sys.exit(2)
+    config = Config(node_lease_ttl_s=lease_ttl_s)
     listen = Listen(host=host, http_port=http_port, peer_port=peer_port)
     try:
         uvloop.run(
             _run(
-                db,
                 config,
                 listen,
+                data=data,
                 node_id=node_id,
                 etcd=etcd,
                 cluster=cluster,
@@ -132,5 +172,3 @@ def node_command(
     except* MemclusterError as group:
         click.echo(f"memcluster node: {group.exceptions[0]}", err=True)
         sys.exit(2)
-    finally:
-        db.close()

@@ -71,10 +71,10 @@ def _popen_etcd(
 
 
 def _start_node(
-    data: Path, name: str, etcd: str, cluster: str
+    data: Path, name: str, etcd: str, cluster: str, ports: tuple[int, int]
 ) -> tuple[subprocess.Popen[str], str]:
     with (data / f"{name}.log").open("ab") as log:  # the child keeps its own copy
-        proc = _popen_node(data, name, etcd, cluster, log)
+        proc = _popen_node(data, name, etcd, cluster, log, ports)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("listening "):
@@ -84,7 +84,7 @@ def _start_node(
 
 
 def _popen_node(
-    data: Path, name: str, etcd: str, cluster: str, log: BinaryIO
+    data: Path, name: str, etcd: str, cluster: str, log: BinaryIO, ports: tuple[int, int]
 ) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
@@ -101,9 +101,9 @@ def _popen_node(
             "--cluster",
             cluster,
             "--http-port",
-            "0",
+            str(ports[0]),
             "--peer-port",
-            "0",
+            str(ports[1]),
         ],
         stdout=subprocess.PIPE,
         stderr=log,
@@ -131,17 +131,24 @@ def _stop(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
     help="Directory for etcd's and every node's data (kept across runs).",
 )
 @click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
-def up_command(nodes: int, data: Path, cluster: str) -> None:
+@click.option(
+    "--port",
+    "base_port",
+    default=7700,
+    show_default=True,
+    help="Node nI listens on HTTP PORT+2(I-1) and binary PORT+2(I-1)+1; 0: any free ports.",
+)
+def up_command(nodes: int, data: Path, cluster: str, base_port: int) -> None:
     """Start etcd (found on PATH) and NODES nodes on loopback, until Ctrl-C.
 
     Prints each node's endpoints and a one-line health summary; Ctrl-C stops the nodes
-    (each leaves the cluster at once) and then etcd. Logs go to DATA/*.log. The cluster
-    layer is in progress: nodes register, elect a controller and get shards placed on
-    them, but each still serves its own data (see the README).
+    (each leaves the cluster at once) and then etcd. Logs go to DATA/*.log. Any node
+    answers any request: connect a client to any of them. Data is kept in DATA across runs.
 
     \b
-    Example:
-      memcluster up --nodes 3 --data /tmp/mc-cluster
+    Examples:
+      memcluster up --nodes 3                 # node n1 on http://127.0.0.1:7700, mc://...:7701
+      memcluster up --nodes 3 --data /tmp/mc-cluster --port 0
     """
     data = data.resolve()
     etcd, etcd_url = _start_etcd(data)
@@ -149,7 +156,8 @@ def up_command(nodes: int, data: Path, cluster: str) -> None:
     try:
         click.echo(f"etcd       {etcd_url}")
         for i in range(1, nodes + 1):
-            proc, endpoints = _start_node(data, f"n{i}", etcd_url, cluster)
+            ports = (0, 0) if base_port == 0 else (base_port + 2 * i - 2, base_port + 2 * i - 1)
+            proc, endpoints = _start_node(data, f"n{i}", etcd_url, cluster, ports)
             children.append(proc)
             click.echo(f"node n{i}    {endpoints}")
         view = _wait_for(etcd_url, cluster, nodes)

@@ -17,9 +17,22 @@ Data directory layout::
     DIR/collections/NAME/shard-0000/snapshots/ its snapshots
     DIR/coordination/{wal,snapshots}/          leases, locks, semaphores, counters
 
-A collection's memories are spread over its shards by :func:`memcluster.core.hashing.shard_of`,
-the hash the cluster uses, and results are merged across shards (top-k by score, ties by
-namespace and key).
+A collection's memories are spread over its shards by a
+:class:`~memcluster.shard.sharding.Sharder` (hash, range or vector sharding; the hash is
+:func:`memcluster.core.hashing.shard_of`, the one the cluster uses), reads touch only the
+shards it says may hold a match, and results are merged across shards (top-k by score, ties
+by namespace and key).
+
+Under range and vector sharding a key may live in any shard and moves when its field or
+vector changes: a put locks every shard of the collection, finds the memory wherever it is,
+checks ``if_version`` against that, writes the new shard's record, syncs it (as the
+durability level asks), then writes the delete in the old shard. The two records are in
+different WALs: a crash between them can leave both copies, never none; reads then return
+the newest (by ``updated_at``; ``count`` counts both) and the next put or delete of the key
+removes the other. Reads over several shards are not one snapshot: a search racing a move
+may miss the memory or see it twice (duplicates are dropped, newest kept). The change feed
+shows a move as a put in the new shard and a user delete in the old one (``event.shard``
+tells them apart), in no fixed order between the two shards.
 """
 
 from __future__ import annotations
@@ -45,7 +58,7 @@ from memcluster.client.blackboard import Blackboard
 from memcluster.core import validation
 from memcluster.core.api import Consistency
 from memcluster.core.clock import Clock, SystemClock
-from memcluster.core.codec import from_json, to_json
+from memcluster.core.codec import Record, from_json, to_json
 from memcluster.core.config import Config
 from memcluster.core.errors import (
     CollectionExists,
@@ -55,8 +68,8 @@ from memcluster.core.errors import (
     LeaseExpired,
     PayloadTooLarge,
     StaleToken,
+    VersionConflict,
 )
-from memcluster.core.hashing import shard_of
 from memcluster.core.types import (
     CollectionConfig,
     CollectionInfo,
@@ -69,12 +82,15 @@ from memcluster.core.types import (
     Message,
     Metric,
     Page,
+    SearchResult,
+    Sharding,
 )
 from memcluster.index.filters import Filter, compile_filter
 from memcluster.shard.coord import CoordShard
 from memcluster.shard.feed import FeedReader, TopicReader, encode_cursor
 from memcluster.shard.maintenance import Maintained, Maintainer
-from memcluster.shard.shard import PreparedPut, Shard
+from memcluster.shard.shard import Key, PreparedPut, Shard
+from memcluster.shard.sharding import Sharder, check_config, config_fields
 from memcluster.storage.files import fsync_path
 from memcluster.storage.snapshot import SnapshotStore
 from memcluster.storage.wal import FileWal
@@ -356,13 +372,42 @@ class Database:
         namespace_capacity_items: int | None = None,
         eviction: Eviction | str = Eviction.NONE,
         durability: Durability | str | None = None,
+        sharding: Sharding | str = Sharding.HASH,
+        shard_key: str = "key",
+        range_field: str | None = None,
+        boundaries: Sequence[float] | None = None,
+        centroids: Any = None,
+        sample: Any = None,
+        nprobe: int | None = None,
+        split_items: int | None = None,
+        train_after: int | None = None,
     ) -> Collection:
         """Create a collection of ``dim``-dimensional vectors; CollectionExists if it exists.
 
-        ``shards`` spreads memories over that many shards (by hash of namespace and key).
         ``capacity_items``/``capacity_bytes``/``namespace_capacity_items`` bound its size, with
         ``eviction`` saying what a full collection does ("none" rejects writes). ``ttl_s`` is the
         default time to live of memories written without their own.
+
+        ``shards`` spreads memories over that many shards, as ``sharding`` says (the fields are
+        documented on :class:`~memcluster.core.types.CollectionConfig`)::
+
+            # hash (default): even spread by (namespace, key); or keep each agent's memories
+            # on one shard, so a search under ("team-a", "agent-7") touches only that shard
+            db.create_collection("m", dim=384, shards=8, shard_key="namespace:2")
+            # range: by a number in the metadata; a filter on it searches only its shards
+            db.create_collection("log", dim=384, shards=3, sharding="range",
+                                 range_field="day", boundaries=[100, 200])  # <100, <200, rest
+            # vector: by nearest centroid, k-means of a sample of your vectors (n x dim);
+            # searches probe the 2 nearest shards unless they pass nprobe=0 (all)
+            db.create_collection("docs", dim=384, shards=16, sharding="vector",
+                                 sample=vectors[:5000], nprobe=2)
+
+        ``centroids`` (shards x dim) may be given instead of ``sample``. A config whose fields
+        do not fit together is refused with InvalidArgument saying what to change.
+
+        In a cluster the layout can also grow: ``split_items=N`` splits a range shard holding
+        more than N memories at its median, and ``train_after=N`` (vector sharding without
+        centroids) learns the centroids by k-means once N memories arrived.
         """
         coll_config = self._make_config(
             name=name,
@@ -375,6 +420,19 @@ class Database:
             namespace_capacity_items=namespace_capacity_items,
             eviction=eviction,
             durability=durability,
+            **config_fields(
+                metric=metric,
+                shards=shards,
+                sharding=sharding,
+                shard_key=shard_key,
+                range_field=range_field,
+                boundaries=boundaries,
+                centroids=centroids,
+                sample=sample,
+                nprobe=nprobe,
+                split_items=split_items,
+                train_after=train_after,
+            ),
         )
         return self.create_collection_from(coll_config)
 
@@ -412,6 +470,13 @@ class Database:
             config: CollectionConfig = msgspec.convert(fields, CollectionConfig)
         except msgspec.ValidationError as exc:
             raise InvalidArgument(f"collection config: {exc}") from None
+        config = check_config(config)
+        if config.split_items is not None or config.train_after is not None:
+            raise InvalidArgument(
+                "split_items and train_after change a collection's layout as it grows, which a"
+                " cluster does (memcluster up / memcluster node); one process keeps its layout"
+                " fixed: give boundaries or centroids instead"
+            )
         return config
 
     def collection(self, name: str) -> Collection:
@@ -508,6 +573,18 @@ def _encode_payload(payload: Any, config: Config) -> bytes:
     return data
 
 
+def _newest(items: list[T], memory_of: Callable[[T], Memory]) -> list[T]:
+    """``items`` with one per (namespace, key): the newest memory by ``updated_at`` (two
+    copies exist only after a crash in the middle of a move, or in a read racing a move)."""
+    best: dict[Key, T] = {}
+    for item in items:
+        m = memory_of(item)
+        seen = best.get((m.namespace, m.key))
+        if seen is None or memory_of(seen).updated_at < m.updated_at:
+            best[(m.namespace, m.key)] = item
+    return list(best.values()) if len(best) < len(items) else items
+
+
 def _encode_cursor(after: tuple[tuple[str, ...], str]) -> str:
     return base64.urlsafe_b64encode(msgspec.msgpack.encode(after)).decode()
 
@@ -531,6 +608,7 @@ class Collection:
         self._db = db
         self.config = config
         self.path = path
+        self._sharder = Sharder(config)
         self._shards: list[Shard] = []
         try:
             for i in range(config.shards):
@@ -558,16 +636,35 @@ class Collection:
         for shard in self._shards:
             shard.close()
 
-    def _locate(self, namespace: Namespace, key: str) -> tuple[Shard, tuple[str, ...], str]:
-        """Validate (namespace, key) and find the shard that holds it."""
+    def _locate(self, namespace: Namespace, key: str) -> tuple[Shard | None, tuple[str, ...], str]:
+        """Validate (namespace, key) and find the shard that holds it (None: it may be in any
+        shard, under range and vector sharding)."""
         self._db._check_open()
         ns = validation.namespace(namespace, self._db.config)
         k = validation.key(key, self._db.config)
-        return self._shards[shard_of(ns, k, len(self._shards))], ns, k
+        shard_no = self._sharder.key_shard(ns, k)
+        return None if shard_no is None else self._shards[shard_no], ns, k
+
+    def _holders(self, keys: Sequence[Key]) -> list[dict[int, tuple[int, float, float]]]:
+        """Per key: {shard: (version, 0 if expired; created_at; updated_at)} of the shards that
+        have a slot for it. Caller holds every shard's lock."""
+        found: list[dict[int, tuple[int, float, float]]] = [{} for _ in keys]
+        for shard_no, shard in enumerate(self._shards):
+            for where, info in zip(found, shard.located(keys), strict=True):
+                if info is not None:
+                    where[shard_no] = info
+        return found
+
+    @staticmethod
+    def _current(holders: dict[int, tuple[int, float, float]]) -> int | None:
+        """The shard of the live copy (the newest by updated_at, ties: the lowest shard)."""
+        live = [(-info[2], shard_no) for shard_no, info in holders.items() if info[0]]
+        return min(live)[1] if live else None
 
     # -- writes --------------------------------------------------------------------------------
 
-    def _prepare(self, memories: Sequence[Memory]) -> list[PreparedPut]:
+    def _prepare(self, memories: Sequence[Memory]) -> tuple[list[PreparedPut], list[int]]:
+        """The validated batch and the shard of each memory."""
         cfg = self._db.config
         matrix = validation.vectors(
             [m.vector for m in memories], self.config.dim, self.config.metric
@@ -595,7 +692,13 @@ class Collection:
                     lease=self._db._live_lease(m.lease),
                 )
             )
-        return prepared
+        targets = self._sharder.place(
+            [p.namespace for p in prepared],
+            [p.key for p in prepared],
+            matrix,
+            [m.metadata for m in memories],
+        )
+        return prepared, targets
 
     def put(
         self,
@@ -677,37 +780,141 @@ class Collection:
             return []
         if idempotency_key is not None:
             validation.key(idempotency_key, cfg)
-        prepared = self._prepare(memories)
+        prepared, targets = self._prepare(memories)
         by_shard: dict[int, list[int]] = {}
-        for i, p in enumerate(prepared):
-            by_shard.setdefault(shard_of(p.namespace, p.key, len(self._shards)), []).append(i)
+        for i, shard_no in enumerate(targets):
+            by_shard.setdefault(shard_no, []).append(i)
+        keyed = self._sharder.keyed
         versions = [0] * len(prepared)
         tokens: list[tuple[Shard, int]] = []
         with ExitStack() as stack:
-            plans = []
-            for shard_no in sorted(by_shard):
+            # Keyed: the target shards, in order. Otherwise every shard (in order): the
+            # memory may be anywhere, and must end up in its target shard only.
+            for shard_no in sorted(by_shard) if keyed else range(len(self._shards)):
+                stack.enter_context(self._shards[shard_no].lock)
+            holders: list[dict[int, tuple[int, float, float]]] = []
+            conflicts: dict[int, tuple[int, int]] = {}
+            if not keyed:
+                holders = self._holders([(p.namespace, p.key) for p in prepared])
+                prepared, conflicts = self._moved(prepared, targets, holders)
+            plans = {
+                shard_no: self._shards[shard_no].plan_put(
+                    [prepared[i] for i in positions], idempotency_key
+                )
+                for shard_no, positions in sorted(by_shard.items())
+            }
+            deletes = self._move_deletes(prepared, targets, holders, conflicts, plans)
+            # Puts before deletes: a crash between two shards' records then leaves two copies
+            # (reads take the newest) rather than none.
+            for shard_no, plan in plans.items():
                 shard = self._shards[shard_no]
-                stack.enter_context(shard.lock)
-                positions = by_shard[shard_no]
-                plan = shard.plan_put([prepared[i] for i in positions], idempotency_key)
-                plans.append((shard, positions, plan))
-            for shard, positions, plan in plans:
                 if isinstance(plan, list):
                     got = plan
                 else:
                     token, got = shard.write_planned(plan)
                     tokens.append((shard, token))
-                for i, version in zip(positions, got, strict=True):
+                for i, version in zip(by_shard[shard_no], got, strict=True):
                     versions[i] = version
+            if deletes:
+                # A move: the new copy is durable (as durable as the collection asks) before
+                # the old one is deleted, so no crash loses both. Only moves pay this fsync
+                # under the locks.
+                for shard, token in tokens:
+                    shard.commit(token)
+            for shard_no, record in deletes:
+                token, _ = self._shards[shard_no].write_planned(record)
+                tokens.append((self._shards[shard_no], token))
         for shard, token in tokens:
             shard.commit(token)
         return versions
+
+    def _moved(
+        self,
+        prepared: list[PreparedPut],
+        targets: list[int],
+        holders: list[dict[int, tuple[int, float, float]]],
+    ) -> tuple[list[PreparedPut], dict[int, tuple[int, int]]]:
+        """Range and vector sharding: the batch with each memory that moves in from another
+        shard stripped of ``if_version`` (its target shard would compare it with "absent") and
+        given its creation time; and {item: (expected, actual)} of the moves whose
+        ``if_version`` does not match the current version."""
+        out = list(prepared)
+        conflicts: dict[int, tuple[int, int]] = {}
+        for i, (p, target) in enumerate(zip(prepared, targets, strict=True)):
+            current = self._current(holders[i])
+            if current is None or current == target:
+                continue  # the target shard checks if_version itself
+            version, created, _ = holders[i][current]
+            if p.if_version is not None and p.if_version != version:
+                conflicts[i] = (p.if_version, version)
+            out[i] = msgspec.structs.replace(p, if_version=None, created_at=created)
+        return out, conflicts
+
+    def _move_deletes(
+        self,
+        prepared: list[PreparedPut],
+        targets: list[int],
+        holders: list[dict[int, tuple[int, float, float]]],
+        conflicts: dict[int, tuple[int, int]],
+        plans: Mapping[int, list[int] | Record],
+    ) -> list[tuple[int, Record]]:
+        """The delete records (shard, record) that remove moved memories from their old
+        shards, planned before anything is written; VersionConflict for a failed move.
+
+        An item whose target shard has seen the idempotency key was written already: it
+        raises no conflict and only removes copies older than its target's (left by a crash
+        between the records of the first call)."""
+        keys: dict[int, list[Key]] = {}
+        for i, (p, target) in enumerate(zip(prepared, targets, strict=True)):
+            if not holders or not holders[i]:
+                continue
+            replayed = isinstance(plans[target], list)
+            if not replayed and i in conflicts:
+                expected, actual = conflicts[i]
+                raise VersionConflict(
+                    f"{self.name}: {p.namespace}/{p.key!r} is at version {actual}, the write"
+                    f" expected {expected} (0 = absent); read it again and retry with its"
+                    " current version",
+                    expected=expected,
+                    actual=actual,
+                )
+            if replayed and self._current(holders[i]) not in (None, target):
+                continue  # moved on since the first call: leave it
+            for shard_no in holders[i]:
+                if shard_no != target:
+                    keys.setdefault(shard_no, []).append((p.namespace, p.key))
+        out: list[tuple[int, Record]] = []
+        for shard_no, shard_keys in sorted(keys.items()):
+            plan = plans.get(shard_no)
+            after = plan if isinstance(plan, Record) else None
+            record, _ = self._shards[shard_no].plan_delete(shard_keys, after)
+            if record is not None:
+                out.append((shard_no, record))
+        return out
 
     def delete(self, namespace: Namespace, key: str, fence: tuple[str, int] | None = None) -> bool:
         """Delete the memory at (namespace, key); True if it existed. ``fence``: as in put."""
         shard, ns, k = self._locate(namespace, key)
         with self._fenced(fence):
-            return shard.delete(ns, k)
+            if shard is not None:
+                return shard.delete(ns, k)
+            return self._delete_anywhere(ns, k)
+
+    def _delete_anywhere(self, namespace: tuple[str, ...], key: str) -> bool:
+        """Delete (namespace, key) from every shard that holds it, under all their locks."""
+        tokens: list[tuple[Shard, int]] = []
+        live = 0
+        with ExitStack() as stack:
+            for shard in self._shards:
+                stack.enter_context(shard.lock)
+            plans = [(shard, shard.plan_delete([(namespace, key)])) for shard in self._shards]
+            for shard, (record, n) in plans:
+                live += n
+                if record is not None:
+                    tokens.append((shard, shard.write_planned(record)[0]))
+        for shard, token in tokens:
+            shard.commit(token)
+        return live > 0
 
     def delete_where(
         self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None
@@ -717,7 +924,8 @@ class Collection:
         With neither argument it empties the collection.
         """
         prefix, flt = self._scope(namespace, filter)
-        return sum(shard.delete_where(prefix, flt) for shard in self._shards)
+        shards = self._sharder.search_shards(prefix, filter)
+        return sum(self._shards[i].delete_where(prefix, flt) for i in shards)
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -731,7 +939,13 @@ class Collection:
     def get(self, namespace: Namespace, key: str) -> Memory | None:
         """The memory at (namespace, key) with its vector, or None if absent or expired."""
         shard, ns, k = self._locate(namespace, key)
-        return shard.get(ns, k)
+        if shard is not None:
+            return shard.get(ns, k)
+        with ExitStack() as stack:
+            for each in self._shards:
+                stack.enter_context(each.lock)
+            current = self._current(self._holders([(ns, k)])[0])
+            return None if current is None else self._shards[current].get_held(ns, k)
 
     def search(
         self,
@@ -741,7 +955,9 @@ class Collection:
         filter: Mapping[str, Any] | None = None,
         include_vectors: bool = False,
         consistency: Consistency | str = Consistency.STRONG,
-    ) -> list[Hit]:
+        nprobe: int | None = None,
+        allow_partial: bool = False,
+    ) -> SearchResult:
         """The ``k`` memories most similar to ``vector``, best first.
 
         ``namespace`` restricts the search to a namespace prefix (``("team-a",)`` covers
@@ -750,28 +966,45 @@ class Collection:
         ``$created_at``/``$updated_at``. Scores are higher-is-better (see Metric).
         ``consistency`` is accepted for the same signature as the cluster's clients: one
         process holds the only copy, so every level reads the latest write.
+
+        Only the shards that may hold a match are searched (see
+        :mod:`memcluster.shard.sharding`). Under vector sharding ``nprobe`` shards are probed,
+        those whose centroids are nearest the query (None: the collection's ``nprobe``; 0 or
+        >= shards: all, exact); fewer is faster and may miss memories. ``allow_partial``:
+        answer from the shards that can, listing the others in ``result.missing_shards``
+        (embedded, every shard always answers, so it is empty).
         """
         cfg = self._db.config
         validation.int_in_range("k", k, 1, cfg.search_k_max)
         validation.enum_value("consistency", consistency, Consistency)
+        if nprobe is not None:
+            validation.int_in_range("nprobe", nprobe, 0, cfg.shards_max)
+        if not isinstance(allow_partial, bool):
+            raise InvalidArgument(f"allow_partial must be True or False, got {allow_partial!r}")
         prefix, flt = self._scope(namespace, filter)
         query = validation.query_vector(vector, self.config.dim, self.config.metric)
-        if len(self._shards) == 1:
-            return self._shards[0].search(query, k, prefix, flt, include_vectors)
+        shards = [
+            self._shards[i] for i in self._sharder.search_shards(prefix, filter, query, nprobe)
+        ]
+        if len(shards) == 1:
+            return SearchResult(shards[0].search(query, k, prefix, flt, include_vectors))
         hits: list[Hit] = []
         for found in self._db._pool.map(
-            lambda shard: shard.search(query, k, prefix, flt, include_vectors), self._shards
+            lambda shard: shard.search(query, k, prefix, flt, include_vectors), shards
         ):
             hits.extend(found)
+        if not self._sharder.keyed:
+            hits = _newest(hits, lambda h: h.memory)
         hits.sort(key=lambda h: (-h.score, h.memory.namespace, h.memory.key))
-        return hits[:k]
+        return SearchResult(hits[:k])
 
     def count(
         self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None
     ) -> int:
         """How many live memories are under the namespace prefix and match the filter."""
         prefix, flt = self._scope(namespace, filter)
-        return sum(shard.count(prefix, flt) for shard in self._shards)
+        shards = self._sharder.search_shards(prefix, filter)
+        return sum(self._shards[i].count(prefix, flt) for i in shards)
 
     def list(
         self,
@@ -789,8 +1022,12 @@ class Collection:
         prefix, flt = self._scope(namespace, filter)
         after = None if cursor is None else _decode_cursor(cursor)
         items: list[Memory] = []
-        for shard in self._shards:
-            items.extend(shard.list_page(prefix, flt, after, limit + 1))
+        for i in self._sharder.search_shards(prefix, filter):
+            items.extend(self._shards[i].list_page(prefix, flt, after, limit + 1))
+        if not self._sharder.keyed:
+            # Each shard returned limit + 1 distinct keys (if it had them), so the union
+            # still tells whether there are more.
+            items = _newest(items, lambda m: m)
         items.sort(key=lambda m: (m.namespace, m.key))
         more = len(items) > limit
         items = items[:limit]

@@ -51,12 +51,14 @@ from memcluster.core.types import (
     Durability,
     Event,
     Eviction,
-    Hit,
     Memory,
     Message,
     Metric,
     Page,
+    SearchResult,
+    Sharding,
 )
+from memcluster.shard.sharding import config_fields
 from memcluster.transport.connection import Connection
 
 T = TypeVar("T")
@@ -410,9 +412,19 @@ class AsyncClient:
         namespace_capacity_items: int | None = None,
         eviction: Eviction | str = Eviction.NONE,
         durability: Durability | str | None = None,
+        sharding: Sharding | str = Sharding.HASH,
+        shard_key: str = "key",
+        range_field: str | None = None,
+        boundaries: Sequence[float] | None = None,
+        centroids: Any = None,
+        sample: Any = None,
+        nprobe: int | None = None,
+        split_items: int | None = None,
+        train_after: int | None = None,
     ) -> AsyncCollection:
-        """Create a collection; see ``memcluster.Database.create_collection``."""
-        fields = {
+        """Create a collection; see ``memcluster.Database.create_collection``. The centroids
+        of ``sample`` are computed here, on the client, and only they are sent."""
+        fields: dict[str, Any] = {
             "name": name,
             "dim": dim,
             "metric": metric,
@@ -423,6 +435,19 @@ class AsyncClient:
             "namespace_capacity_items": namespace_capacity_items,
             "eviction": eviction,
             "durability": durability,
+            **config_fields(
+                metric=metric,
+                shards=shards,
+                sharding=sharding,
+                shard_key=shard_key,
+                range_field=range_field,
+                boundaries=boundaries,
+                centroids=centroids,
+                sample=sample,
+                nprobe=nprobe,
+                split_items=split_items,
+                train_after=train_after,
+            ),
         }
         try:
             config = msgspec.convert(fields, CollectionConfig)
@@ -645,8 +670,11 @@ class AsyncCollection:
         filter: Mapping[str, Any] | None = None,
         include_vectors: bool = False,
         consistency: Consistency | str = Consistency.STRONG,
-    ) -> list[Hit]:
-        """The ``k`` memories most similar to ``vector``, best first."""
+        nprobe: int | None = None,
+        allow_partial: bool = False,
+    ) -> SearchResult:
+        """The ``k`` memories most similar to ``vector``, best first; see
+        ``memcluster.Collection.search``."""
         body = api.SearchBody(
             vector=vector,
             k=k,
@@ -654,11 +682,14 @@ class AsyncCollection:
             filter=None if filter is None else dict(filter),
             include_vectors=include_vectors,
             consistency=validation.enum_value("consistency", consistency, Consistency),
+            # Sent only when given: a default search keeps the bytes of older versions.
+            nprobe=msgspec.UNSET if nprobe is None else nprobe,
+            allow_partial=allow_partial if allow_partial else msgspec.UNSET,
         )
-        hits = (await self._call("search", body, api.SearchReply)).hits
-        for hit in hits:
+        reply = await self._call("search", body, api.SearchReply)
+        for hit in reply.hits:
             api.vectors_to_numpy(hit.memory)
-        return hits
+        return SearchResult(reply.hits, reply.missing_shards)
 
     async def count(
         self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None

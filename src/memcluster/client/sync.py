@@ -37,11 +37,12 @@ from memcluster.core.types import (
     Durability,
     Event,
     Eviction,
-    Hit,
     Memory,
     Message,
     Metric,
     Page,
+    SearchResult,
+    Sharding,
 )
 
 T = TypeVar("T")
@@ -137,6 +138,15 @@ class Client:
         namespace_capacity_items: int | None = None,
         eviction: Eviction | str = Eviction.NONE,
         durability: Durability | str | None = None,
+        sharding: Sharding | str = Sharding.HASH,
+        shard_key: str = "key",
+        range_field: str | None = None,
+        boundaries: Sequence[float] | None = None,
+        centroids: Any = None,
+        sample: Any = None,
+        nprobe: int | None = None,
+        split_items: int | None = None,
+        train_after: int | None = None,
     ) -> Collection:
         """Create a collection; see ``memcluster.Database.create_collection``."""
         coll = self._runner.run(
@@ -151,6 +161,15 @@ class Client:
                 namespace_capacity_items=namespace_capacity_items,
                 eviction=eviction,
                 durability=durability,
+                sharding=sharding,
+                shard_key=shard_key,
+                range_field=range_field,
+                boundaries=boundaries,
+                centroids=centroids,
+                sample=sample,
+                nprobe=nprobe,
+                split_items=split_items,
+                train_after=train_after,
             )
         )
         return Collection(self._runner, coll)
@@ -335,10 +354,15 @@ class Collection:
         filter: Mapping[str, Any] | None = None,
         include_vectors: bool = False,
         consistency: Consistency | str = Consistency.STRONG,
-    ) -> list[Hit]:
-        """The ``k`` memories most similar to ``vector``, best first."""
+        nprobe: int | None = None,
+        allow_partial: bool = False,
+    ) -> SearchResult:
+        """The ``k`` memories most similar to ``vector``, best first; see
+        ``memcluster.Collection.search``."""
         return self._run(
-            self._async.search(vector, k, namespace, filter, include_vectors, consistency)
+            self._async.search(
+                vector, k, namespace, filter, include_vectors, consistency, nprobe, allow_partial
+            )
         )
 
     def count(

@@ -11,8 +11,11 @@ lease TTL. The holder reconciles every ``interval_s``:
    round reads it again. Nothing is ever written from a stale view.
 
 A shard map entry starts at epoch 1 with one replica, which is its leader and its whole
-in-sync set. Moves (drain, balance) need shard transfer, which is not built yet: the
-controller logs them and leaves those shards where they are.
+in-sync set. A move (drain, balance) asks the target to pull the shard from the source
+(:meth:`memcluster.cluster.dataplane.DataPlane.pull`: snapshot, WAL tail, freeze, last
+records), then switches the owner with a txn that raises the epoch, conditioned on the
+revision read; if the pull or the txn fails, the source is unfrozen and the target drops its
+copy.
 """
 
 from __future__ import annotations
@@ -20,54 +23,81 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
+from memcluster.cluster import wire
 from memcluster.cluster.coordinator import Compare, Coordinator, Put, campaign
+from memcluster.cluster.dataplane import Peers
 from memcluster.cluster.keys import (
+    COORDINATION,
+    NodeInfo,
     ShardAssignment,
+    assignment_key,
     collections_prefix,
     controller_key,
+    coordination_key,
     decode,
+    draining_prefix,
     encode,
     parse_collection_key,
     parse_shard_key,
-    shard_key,
     shards_prefix,
 )
 from memcluster.cluster.membership import live_nodes
 from memcluster.cluster.placement import Assign, Move, ShardId, plan
+from memcluster.cluster.resharding import reshard
 from memcluster.core.errors import MemclusterError, is_retryable
 from memcluster.core.types import CollectionConfig
 
 log = logging.getLogger("memcluster.controller")
 
+RESHARD_EVERY = 3
+"""Rounds between checks for range shards to split and centroids to learn."""
 
-async def reconcile(coord: Coordinator, cluster: str) -> list[Assign | Move]:
-    """One round: place every unplaced shard on a live node. Returns the actions planned
-    (assignments written; moves only reported). Safe to run from several nodes at once: the
-    txns make all but one write fail."""
-    nodes = {n.id for n in await live_nodes(coord, cluster)}
+MOVE_TIMEOUT_S = 600.0
+"""Longest a shard copy may take before the controller gives the move up."""
+
+
+async def reconcile(
+    coord: Coordinator, cluster: str, peers: Peers | None = None
+) -> list[Assign | Move]:
+    """One round: place every unplaced shard on a live node and, with ``peers`` (to reach the
+    nodes), carry out the moves that draining and balance ask for. Returns the actions
+    planned. Safe to run from several nodes at once: the txns make all but one write fail."""
+    live = {n.id: n for n in await live_nodes(coord, cluster)}
     configs, _ = await coord.get_prefix(collections_prefix(cluster))
     entries, _ = await coord.get_prefix(shards_prefix(cluster))
+    drains, _ = await coord.get_prefix(draining_prefix(cluster))
+    draining = {kv.key[len(draining_prefix(cluster)) :].decode() for kv in drains}
     owners: dict[ShardId, str | None] = {}
     revisions: dict[ShardId, int] = {}
+    assignments: dict[ShardId, ShardAssignment] = {}
+    collections: dict[str, CollectionConfig] = {}
     for kv in configs:
         name = parse_collection_key(cluster, kv.key)
         config = decode(kv.value, CollectionConfig, kv.key)
+        collections[name] = config
         for shard in range(config.shards):
             owners[(name, shard)] = None
             revisions[(name, shard)] = 0
-    for kv in entries:
-        shard_id = parse_shard_key(cluster, kv.key)
+    coordination = await coord.get(coordination_key(cluster))
+    owners[COORDINATION] = None
+    revisions[COORDINATION] = 0
+    found = [(parse_shard_key(cluster, kv.key), kv) for kv in entries]
+    if coordination is not None:
+        found.append((COORDINATION, coordination))
+    for shard_id, kv in found:
         if shard_id in owners:
             assignment = decode(kv.value, ShardAssignment, kv.key)
+            assignments[shard_id] = assignment
             owners[shard_id] = assignment.leader or (assignment.replicas or (None,))[0]
             revisions[shard_id] = kv.mod_revision
-    step = plan(owners, nodes)
+    step = plan(owners, set(live), draining if peers is not None else frozenset())
+    moves: list[Move] = []
     for action in step.actions:
         if isinstance(action, Assign):
-            collection, shard = action.shard
-            key = shard_key(cluster, collection, shard)
+            key = assignment_key(cluster, action.shard)
             entry = ShardAssignment(
                 epoch=1, replicas=(action.node,), leader=action.node, in_sync=(action.node,)
             )
@@ -78,26 +108,117 @@ async def reconcile(coord: Coordinator, cluster: str) -> list[Assign | Move]:
                 log.info(
                     "%s/%d changed while planning; the next round reads it again", *action.shard
                 )
-        else:
+        elif peers is None:
             log.info(
-                "would move %s/%d from %s to %s (%s): shard transfer is not built yet",
+                "would move %s/%d from %s to %s (%s)",
                 *action.shard,
                 action.source,
                 action.target,
                 action.reason,
             )
+        else:
+            moves.append(action)
+    if moves and peers is not None:
+        await asyncio.gather(
+            *(
+                _move(
+                    coord,
+                    cluster,
+                    peers,
+                    m,
+                    collections[m.shard[0]],
+                    live,
+                    assignments[m.shard],
+                    revisions[m.shard],
+                )
+                for m in moves
+            )
+        )
     if step.unavailable:
         log.warning("shards on down nodes, unavailable: %s", step.unavailable)
     return list(step.actions)
+
+
+async def _move(
+    coord: Coordinator,
+    cluster: str,
+    peers: Peers,
+    move: Move,
+    config: CollectionConfig | None,
+    live: dict[str, NodeInfo],
+    current: ShardAssignment,
+    revision: int,
+) -> bool:
+    """Copy the shard to the target (it pulls from the source), then switch the owner in etcd
+    by a txn conditioned on the revision read; undo the freeze if anything fails."""
+    collection, number = move.shard
+    source, target = live[move.source].peer_url, live[move.target].peer_url
+    ref = wire.ShardRef(collection=collection, shard=number)
+    started = time.monotonic()
+    log.info(
+        "moving %s/%04d from %s to %s (%s)",
+        collection,
+        number,
+        move.source,
+        move.target,
+        move.reason,
+    )
+    try:
+        await peers.request(
+            target,
+            "shard.pull",
+            wire.Pull(config=config, shard=number, source=source),
+            wire.Done,
+            timeout_s=MOVE_TIMEOUT_S,
+        )
+        key = assignment_key(cluster, move.shard)
+        switched = ShardAssignment(
+            epoch=current.epoch + 1,
+            replicas=(move.target,),
+            leader=move.target,
+            in_sync=(move.target,),
+        )
+        if await coord.txn([Compare(key, revision)], [Put(key, encode(switched))]):
+            log.info(
+                "moved %s/%04d to %s in %.2f s",
+                collection,
+                number,
+                move.target,
+                time.monotonic() - started,
+            )
+            return True
+        log.warning("moving %s/%04d: the shard map changed meanwhile; undoing", collection, number)
+    except MemclusterError as exc:
+        log.warning(
+            "moving %s/%04d from %s to %s failed: %s",
+            collection,
+            number,
+            move.source,
+            move.target,
+            exc,
+        )
+    for url, kind in ((source, "shard.unfreeze"), (target, "shard.abort")):
+        try:
+            await peers.request(url, kind, ref, wire.Done, timeout_s=10.0)
+        except MemclusterError as exc:
+            log.warning("moving %s/%04d: %s on %s failed: %s", collection, number, kind, url, exc)
+    return False
 
 
 class Controller:
     """Campaigns for the controller key on ``lease`` and reconciles while it holds it."""
 
     def __init__(
-        self, coord: Coordinator, cluster: str, node_id: str, *, interval_s: float = 1.0
+        self,
+        coord: Coordinator,
+        cluster: str,
+        node_id: str,
+        *,
+        interval_s: float = 1.0,
+        peers: Peers | None = None,
     ) -> None:
         self.coord = coord
+        self.peers = peers
         self.cluster = cluster
         self.node_id = node_id
         self.interval_s = interval_s
@@ -108,14 +229,18 @@ class Controller:
         """Until :meth:`stop`: campaign on the lease ``lease()`` names (the node's membership
         lease, which changes if the node registers again), and reconcile while leading."""
         key = controller_key(self.cluster)
+        rounds = 0
         while not self._stop.is_set():
             current = lease()
+            rounds += 1
             try:
                 self.leading = current is not None and await campaign(
                     self.coord, key, self.node_id, current
                 )
                 if self.leading:
-                    await reconcile(self.coord, self.cluster)
+                    await reconcile(self.coord, self.cluster, self.peers)
+                    if self.peers is not None and rounds % RESHARD_EVERY == 0:
+                        await reshard(self.coord, self.cluster, self.peers)
             except MemclusterError as exc:
                 self.leading = False
                 if not is_retryable(exc):

@@ -6,6 +6,8 @@ Every key of cluster ``C`` is under ``/memcluster/C/``, so several clusters can 
     /memcluster/C/collections/{name}              CollectionConfig (JSON)
     /memcluster/C/shards/{collection}/{shard:04d} ShardAssignment (JSON): the shard map entry
     /memcluster/C/controller                      the controller's node id (UTF-8), on its lease
+    /memcluster/C/draining/{node_id}              present while the node is being drained
+    /memcluster/C/coordination                    ShardAssignment of the coordination shard
 
 * **nodes/**: a node registers itself by putting its key on a lease it keeps alive; the
   keepalive is its heartbeat, and the lease's expiry deletes the key: the failure detector.
@@ -16,6 +18,10 @@ Every key of cluster ``C`` is under ``/memcluster/C/``, so several clusters can 
   so that key order is shard order). Each value carries an epoch, the replicas (in chain
   order for chain replication), the leader and the in-sync set. Every change is a txn
   conditioned on the key's ``mod_revision`` as read, and increases the epoch.
+* **coordination**: the one coordination shard (leases, locks, semaphores, counters,
+  topics) is placed and moved like a collection's shard; its id is :data:`COORDINATION`.
+* **draining/**: ``memcluster drain NODE`` puts the node's key here; the controller moves
+  every shard off a draining node and places nothing new on it. ``--undo`` deletes the key.
 * **controller**: the election key (:func:`~memcluster.cluster.coordinator.campaign`).
 
 Names in keys are checked so that no name can reach into another's range: ``cluster`` and
@@ -83,6 +89,30 @@ def shard_key(cluster: str, collection: str, shard: int) -> bytes:
     if not isinstance(shard, int) or not 0 <= shard < SHARDS_MAX:
         raise InvalidArgument(f"cluster: shard {shard!r} is not in [0, {SHARDS_MAX})")
     return shards_prefix(cluster, collection) + f"{shard:04d}".encode()
+
+
+COORDINATION = ("#coordination", 0)
+"""The shard id of the coordination shard (``#`` is in no collection name)."""
+
+
+def coordination_key(cluster: str) -> bytes:
+    return cluster_prefix(cluster) + b"coordination"
+
+
+def assignment_key(cluster: str, shard: tuple[str, int]) -> bytes:
+    """Where a shard's :class:`ShardAssignment` lives: its ``shards/`` key, or
+    ``coordination`` for :data:`COORDINATION`."""
+    if shard == COORDINATION:
+        return coordination_key(cluster)
+    return shard_key(cluster, *shard)
+
+
+def draining_prefix(cluster: str) -> bytes:
+    return cluster_prefix(cluster) + b"draining/"
+
+
+def draining_key(cluster: str, node_id: str) -> bytes:
+    return draining_prefix(cluster) + _name(node_id, "node id").encode()
 
 
 def controller_key(cluster: str) -> bytes:

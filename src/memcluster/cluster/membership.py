@@ -97,6 +97,20 @@ class Member:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), interval)
 
+    async def report(self, data_bytes: int) -> None:
+        """Publish the node's data size in its key (``memcluster status`` shows it)."""
+        if data_bytes == self.info.data_bytes or self.state is not MemberState.UP:
+            return
+        self.info = msgspec.structs.replace(self.info, data_bytes=data_bytes)
+        lease = self.lease
+        if lease is not None:
+            with contextlib.suppress(MemclusterError):
+                await self.coord.put(
+                    node_key(self.cluster, self.info.id),
+                    msgspec.json.encode(self.info),
+                    lease=lease,
+                )
+
     async def leave(self) -> None:
         """Stop renewing and revoke the lease: the node's key disappears now."""
         self._stop.set()

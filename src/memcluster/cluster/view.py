@@ -10,7 +10,9 @@ from memcluster.cluster.keys import (
     ShardAssignment,
     collections_prefix,
     controller_key,
+    coordination_key,
     decode,
+    draining_prefix,
     parse_collection_key,
     parse_shard_key,
     shards_prefix,
@@ -36,6 +38,10 @@ class ClusterView(msgspec.Struct, frozen=True):
     shards: list[ShardView]
     revision: int
     """The etcd revision the shard map was read at."""
+    draining: list[str] = []
+    """Nodes marked for draining (``memcluster drain``)."""
+    down: list[str] = []
+    """Nodes the shard map names that are not up (their lease expired)."""
 
     def shards_held(self, node: str) -> int:
         return sum(1 for s in self.shards if s.assignment and node in s.assignment.replicas)
@@ -55,11 +61,17 @@ async def cluster_view(coord: Coordinator, cluster: str) -> ClusterView:
         for kv in entries
     }
     shards = []
+    coordination = await coord.get(coordination_key(cluster))
+    if coordination is not None:
+        coord_shard = decode(coordination.value, ShardAssignment, coordination.key)
+        shards.append(ShardView("#coordination", 0, coord_shard, coord_shard.leader in up))
     for config in configs:
         for shard in range(config.shards):
             assignment = placed.get((config.name, shard))
             available = assignment is not None and assignment.leader in up
             shards.append(ShardView(config.name, shard, assignment, available))
+    drains, _ = await coord.get_prefix(draining_prefix(cluster))
+    named = {n for s in shards if s.assignment for n in s.assignment.replicas}
     return ClusterView(
         cluster=cluster,
         nodes=nodes,
@@ -67,4 +79,6 @@ async def cluster_view(coord: Coordinator, cluster: str) -> ClusterView:
         collections=configs,
         shards=shards,
         revision=revision,
+        draining=sorted(kv.key[len(draining_prefix(cluster)) :].decode() for kv in drains),
+        down=sorted(named - up),
     )

@@ -193,6 +193,13 @@ class SearchBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     filter: dict[str, Any] | None = None
     include_vectors: bool = False
     consistency: Consistency = Consistency.STRONG
+    nprobe: int | msgspec.UnsetType | None = msgspec.UNSET
+    """Vector-sharded collections: how many nearest-centroid shards to search (unset or None:
+    the collection's ``nprobe``; 0 or >= shards: all of them, an exact plan). Unset fields
+    are not sent, so a search without them has the bytes of protocol version 1."""
+    allow_partial: bool | msgspec.UnsetType = msgspec.UNSET
+    """Answer from the shards that can, listing the others in ``missing_shards``, instead of
+    failing when a shard is unavailable (unset: False)."""
 
 
 class SearchCall(SearchBody, kw_only=True):
@@ -201,6 +208,8 @@ class SearchCall(SearchBody, kw_only=True):
 
 class SearchReply(msgspec.Struct):
     hits: list[Hit]
+    missing_shards: list[str] = []
+    """Shards that did not answer (only with ``allow_partial``), as "collection/NNNN"."""
 
 
 class ListBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

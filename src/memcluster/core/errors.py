@@ -28,6 +28,7 @@ says whose fault an error is and whether retrying can help::
     ├── RetryableError               the same request may succeed later
     │   ├── NotLeader                421  carries a hint: where the leader is
     │   ├── ShardUnavailable         503
+    │   ├── WrongNode                421  this node does not hold the shard (any more): route again
     │   ├── Timeout                  504
     │   ├── Overloaded               429
     │   └── Unreachable              503  the node refused or dropped the connection
@@ -188,6 +189,11 @@ class ShardUnavailable(RetryableError):
     """The shard has no replica able to serve the request right now."""
 
 
+class WrongNode(RetryableError):
+    """The node asked does not hold the shard (it moved, or is not yet open there): look the
+    owner up in the shard map again and resend. Nodes and the SDK do this themselves."""
+
+
 class Timeout(RetryableError):
     """The operation did not finish within its deadline."""
 
@@ -253,6 +259,7 @@ ERROR_TABLE: dict[type[MemclusterError], ErrorInfo] = {
     RetryableError: ErrorInfo(True, 503, "retryable"),
     NotLeader: ErrorInfo(True, 421, "not_leader"),
     ShardUnavailable: ErrorInfo(True, 503, "shard_unavailable"),
+    WrongNode: ErrorInfo(True, 421, "wrong_node"),
     Timeout: ErrorInfo(True, 504, "timeout"),
     Overloaded: ErrorInfo(True, 429, "overloaded"),
     Unreachable: ErrorInfo(True, 503, "unreachable"),

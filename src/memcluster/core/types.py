@@ -8,6 +8,7 @@ sequence of numbers is accepted and validated by the shard.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -55,7 +56,16 @@ class Sharding(enum.StrEnum):
     """How memories are spread over a collection's shards."""
 
     HASH = "hash"
-    """Stable hash of (namespace, key)."""
+    """A stable hash of (namespace, key), or of the namespace's first parts (see
+    ``CollectionConfig.shard_key``). Even spread; a key's shard is fixed by its name."""
+    RANGE = "range"
+    """By the number in one metadata field (``range_field``) against ``boundaries``: memories
+    with nearby values share a shard, and a filter on that field searches only the shards
+    its range overlaps."""
+    VECTOR = "vector"
+    """By the nearest of ``centroids`` to the memory's vector: similar memories share a
+    shard, and a search may probe only the ``nprobe`` shards nearest the query (faster,
+    approximate)."""
 
 
 class CollectionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -77,6 +87,42 @@ class CollectionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     eviction: Eviction = Eviction.NONE
     durability: Durability | None = None
     """Acknowledgement level; None takes the process default (``Config.durability``)."""
+    shard_key: str = "key"
+    """Hash sharding only: what the hash covers.
+
+    ``"key"``: (namespace, key), spreading memories evenly (``hashing.shard_of``).
+    ``"namespace"``: the whole namespace, so a namespace's memories share one shard.
+    ``"namespace:N"``: the first N namespace parts (all of them if fewer), so one agent's
+    memories share a shard and a search whose namespace prefix has at least N parts touches
+    only that shard. ``"namespace:2"`` with namespaces ``(team, agent, ...)`` keeps each
+    agent on one shard; a search under ``("team-a",)`` still touches every shard.
+    """
+    range_field: str | None = None
+    """Range sharding only: the top-level metadata field that places a memory. Every memory
+    put into the collection must hold a finite number there (bools are not numbers)."""
+    boundaries: list[float] | None = None
+    """Range sharding only: ``shards - 1`` strictly ascending finite numbers. Shard i holds
+    values in ``[boundaries[i-1], boundaries[i])``; shard 0 starts at -inf, the last one
+    ends at +inf. ``[10, 20]`` with 3 shards: ``< 10``, ``[10, 20)``, ``>= 20``."""
+    centroids: list[list[float]] | None = None
+    """Vector sharding only: ``shards`` rows of ``dim`` finite numbers. A memory goes to the
+    shard of its nearest centroid under the metric (cosine: highest cosine; dot: highest
+    inner product; l2: smallest distance; ties: the lowest shard). ``sharding.kmeans`` of a
+    sample of the data computes good ones."""
+    nprobe: int | None = None
+    """Vector sharding only: how many shards (those whose centroids are nearest the query) a
+    search probes unless it says otherwise; None probes all of them (exact)."""
+    range_shards: list[int] | None = None
+    """Range sharding only: the shard of each value interval, in value order (interval i is
+    ``[boundaries[i-1], boundaries[i])``); None: interval i is shard i. A split gives the
+    upper half of a shard's interval to a new shard, numbered ``shards``."""
+    split_items: int | None = None
+    """Range sharding in a cluster: a shard holding more memories than this is split at the
+    median of its values (None: never)."""
+    train_after: int | None = None
+    """Vector sharding in a cluster, without ``centroids``: every memory goes to shard 0
+    until it holds this many; then k-means on a sample learns one centroid per shard and
+    the memories move to their nearest centroid's shard."""
 
 
 class Memory(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -110,6 +156,16 @@ class Hit(msgspec.Struct, frozen=True):
 
     memory: Memory
     score: float
+
+
+class SearchResult(list[Hit]):
+    """The hits of a search, best first: a list, plus ``missing_shards`` (as
+    "collection/NNNN"), the shards that could not answer a search made with
+    ``allow_partial=True`` (always empty otherwise)."""
+
+    def __init__(self, hits: Iterable[Hit] = (), missing_shards: Iterable[str] = ()) -> None:
+        super().__init__(hits)
+        self.missing_shards: list[str] = list(missing_shards)
 
 
 class Page(msgspec.Struct, frozen=True):

@@ -119,6 +119,15 @@ class Auth:
             raise Unauthenticated("unknown API key; check the key you were given")
         return principal
 
+    def authorize_internal(self, principal: Principal, kind: str) -> None:
+        """Node-to-node operations need an admin key without namespace limits (the key the
+        nodes of a cluster share)."""
+        if principal.role < Role.ADMIN or principal.namespaces is not None:
+            raise PermissionDenied(
+                f"{kind} is a node-to-node operation: it needs an admin key without namespace"
+                f" limits; key {principal.name!r} is not one"
+            )
+
     def authorize(
         self,
         principal: Principal,

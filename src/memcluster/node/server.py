@@ -24,7 +24,7 @@ import logging
 import signal
 import socket
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, cast
 
 import msgspec
@@ -86,17 +86,30 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
+Internal = Mapping[str, tuple[type[msgspec.Struct], Callable[[Any], Awaitable[msgspec.Struct]]]]
+"""Node-to-node operations a cluster node serves besides the public ones: kind -> (request
+type, handler). See :mod:`memcluster.cluster.wire`."""
+InternalStreams = Mapping[str, tuple[type[msgspec.Struct], Callable[[Any], AsyncIterator[Any]]]]
+"""Node-to-node streams: kind -> (request type, handler returning the items)."""
+
+
 class _Dispatcher:
     """Adapts the binary protocol's requests to :class:`Service`."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, internal: Internal, streams: InternalStreams) -> None:
         self._service = service
+        self._internal = internal
+        self._streams = streams
 
     def hello(self, hello: Hello) -> object:
         return self._service.auth.authenticate(hello.api_key)
 
     async def call(self, session: object, envelope: Envelope) -> Any:
         assert isinstance(session, Principal)
+        internal = self._internal.get(envelope.kind)
+        if internal is not None:
+            self._service.auth.authorize_internal(session, envelope.kind)
+            return await internal[1](decode_body(envelope, internal[0]))
         op = OPERATIONS.get(envelope.kind)
         if op is None:
             raise InvalidArgument(
@@ -108,10 +121,18 @@ class _Dispatcher:
 
     def is_stream(self, kind: str) -> bool:
         op = OPERATIONS.get(kind)
-        return op is not None and op.stream
+        return kind in self._streams or (op is not None and op.stream)
 
     async def stream(self, session: object, envelope: Envelope) -> AsyncIterator[Any]:
         assert isinstance(session, Principal)
+        internal = self._streams.get(envelope.kind)
+        if internal is not None:
+            self._service.auth.authorize_internal(session, envelope.kind)
+            items = internal[1](decode_body(envelope, internal[0]))
+            async with contextlib.aclosing(cast(AsyncGenerator[Any, None], items)):
+                async for item in items:
+                    yield item
+            return
         op = OPERATIONS[envelope.kind]
         request = decode_body(envelope, op.request)
         collection = getattr(request, "collection", "")
@@ -145,6 +166,8 @@ async def serve(
     auth: Auth,
     ready: Callable[[int, int], None] | None = None,
     stop: asyncio.Event | None = None,
+    internal: Internal | None = None,
+    internal_streams: InternalStreams | None = None,
 ) -> None:
     """Serve ``store`` until SIGTERM/SIGINT (or ``stop``), then shut down gracefully.
 
@@ -187,7 +210,7 @@ async def serve(
             )
         )
         binary = await BinaryServer.start(
-            _Dispatcher(service),
+            _Dispatcher(service, internal or {}, internal_streams or {}),
             peer_sock,
             node=node,
             ssl=tls,

@@ -61,6 +61,8 @@ class StoreCollection(Protocol):
         filter: Mapping[str, Any] | None = None,
         include_vectors: bool = False,
         consistency: str = "strong",
+        nprobe: int | None = None,
+        allow_partial: bool = False,
     ) -> list[Hit]: ...
     def list(
         self,
@@ -320,8 +322,10 @@ class Service:
             body.filter,
             body.include_vectors,
             body.consistency,
+            None if body.nprobe is msgspec.UNSET else body.nprobe,
+            body.allow_partial is True,
         )
-        return api.SearchReply(hits)
+        return api.SearchReply(list(hits), list(getattr(hits, "missing_shards", ())))
 
     def _list(self, collection: str, body: api.ListBody) -> Page:
         return self.store.collection(collection).list(

@@ -40,7 +40,7 @@ import bisect
 import collections
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import assert_never
@@ -74,6 +74,7 @@ from memcluster.core.errors import (
     LeaseExpired,
     StaleToken,
     Timeout,
+    WrongNode,
 )
 from memcluster.storage.snapshot import SnapshotStore
 from memcluster.storage.wal import FileWal, Wal
@@ -217,6 +218,10 @@ class CoordShard:
         """Every message with seq >= this is in ``_messages`` (set after recovery)."""
         self._listeners: set[Callable[[], None]] = set()
         self._wal_read_lock = threading.Lock()
+        self.write_gate: Callable[[], None] | None = None
+        """Called under the lock before every write; raising refuses it (a cluster node
+        handing the coordination shard over, see ``memcluster.cluster.host``)."""
+        self._handing_over = False
         if snapshots is not None:
             manifest = snapshots.latest()
             if manifest is not None:
@@ -254,6 +259,8 @@ class CoordShard:
         """Append and apply a record. Caller holds the lock. Returns (first seq, sync token)."""
         if self._closed:
             raise InvalidState("coordination: the database is closed; open it again")
+        if self.write_gate is not None:
+            self.write_gate()
         record = Record(self.state.applied_seq + 1, self._clock.time(), list(ops))
         token = self._wal.append(record)
         self._apply(record)
@@ -395,6 +402,8 @@ class CoordShard:
                         f"{queue_of} {name!r}: not acquired within {timeout_s} s ({len(queue)}"
                         " other waiters); retry later or raise timeout_s"
                     )
+        if self._handing_over and waiter.token == 0:
+            raise WrongNode(f"{queue_of} {name!r}: the coordination shard moved; ask again")
         if self._closed and waiter.token == 0:
             raise InvalidState(f"{queue_of} {name!r}: the database closed while waiting")
         if waiter.token == 0:
@@ -566,6 +575,54 @@ class CoordShard:
         with self._wal_read_lock:
             return self._wal.first_seq()
 
+    # -- handing the shard to another node (a cluster's shard transfer) ---------------------
+
+    @property
+    def applied_seq(self) -> int:
+        return self.state.applied_seq
+
+    def records_after(self, after_seq: int, limit: int) -> list[Record]:
+        """Up to ``limit`` WAL records holding seqs above ``after_seq`` (what a transfer
+        ships); CursorExpired when the WAL no longer reaches back there."""
+        with self._wal_read_lock:
+            first = self._wal.first_seq()
+            if after_seq + 1 < first:
+                raise CursorExpired(
+                    f"coordination: the WAL starts at seq {first}, after {after_seq + 1}:"
+                    " start the transfer again from a new snapshot"
+                )
+            out: list[Record] = []
+            for record in self._wal.records(after_seq):
+                out.append(record)
+                if len(out) >= limit:
+                    break
+            return out
+
+    def apply_records(self, records: Sequence[Record]) -> None:
+        """Log and apply records shipped from the shard's previous holder, durably."""
+        token = 0
+        with self.lock:
+            for record in records:
+                if record.last_seq > self.state.applied_seq:
+                    token = self._wal.append(record)
+                    self._apply(record)
+        self._sync(token)
+
+    def handover(self, on: bool) -> None:
+        """``on``: the shard is being handed over; wake every waiting acquire with WrongNode
+        (its caller asks the new holder). ``off``: the handover was given up."""
+        with self.lock:
+            self._handing_over = on
+            if on:
+                for queue in (*self._lock_queues.values(), *self._permit_queues.values()):
+                    for waiter in queue:
+                        waiter.event.set()
+                self._lock_queues.clear()
+                self._permit_queues.clear()
+
+    def stats(self) -> dict[str, int]:
+        return {"items": 0, "bytes": 0, "indexed_items": 0, "last_seq": self.state.applied_seq}
+
     # -- background --------------------------------------------------------------------------
 
     def maintain(self) -> bool:
@@ -574,19 +631,25 @@ class CoordShard:
             if self._closed:
                 return False
             token = 0
-            self._sync(self._expire())  # an expiry is durable before anyone hears of it
+            try:
+                self._sync(self._expire())  # an expiry is durable before anyone hears of it
+            except WrongNode:
+                return False  # not this node's to write: being copied in, or handed over
         self._sync(token)
         if self._wal.bytes_total() - self._wal_bytes_at_snapshot >= self.config.snapshot_wal_bytes:
             self.snapshot()
         return False
 
-    def snapshot(self) -> None:
-        """Write the state as a snapshot and drop the WAL it covers."""
+    def snapshot(self) -> int | None:
+        """Write the state as a snapshot and drop the WAL it covers; returns its seq (None
+        without a snapshot store or before the first write)."""
         if self._snapshots is None:
-            return
+            return None
         with self.lock:
             data = msgspec.msgpack.encode(self.state)
             seq = self.state.applied_seq
+            if seq == 0:
+                return None
             self._wal.roll()
         self._wal.sync_all()
         self._snapshots.write(seq, {_STATE_FILE: data})
@@ -598,6 +661,7 @@ class CoordShard:
         with self._wal_read_lock:
             self._wal.truncate_before(min(kept[0] if kept else seq, floor))
         self._wal_bytes_at_snapshot = self._wal.bytes_total()
+        return seq
 
 
 def _stale(what: str, name: str, token: int, held: tuple[int, int] | None) -> str:

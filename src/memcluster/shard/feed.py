@@ -67,12 +67,13 @@ def decode_cursor(cursor: str, collection: str, shards: int) -> list[int]:
 
 
 class FeedReader:
-    """Follows a collection's shards from a cursor, filtering; non-blocking."""
+    """Follows a collection's shards from a cursor, filtering; non-blocking. A None in
+    ``shards`` is a shard this reader skips (its position stays the cursor's)."""
 
     def __init__(
         self,
         collection: str,
-        shards: Sequence[Shard],
+        shards: Sequence[Shard | None],
         prefix: tuple[str, ...],
         flt: Filter,
         cursor: str | None,
@@ -87,7 +88,7 @@ class FeedReader:
         self._include_vectors = include_vectors
         self._batch = batch
         if cursor is None:
-            self.positions = [shard.applied_seq for shard in self._shards]
+            self.positions = [0 if s is None else s.applied_seq for s in self._shards]
         else:
             self.positions = decode_cursor(cursor, collection, len(self._shards))
         self._next_shard = 0
@@ -99,11 +100,13 @@ class FeedReader:
 
     def listen(self, callback: Callable[[], None]) -> None:
         for shard in self._shards:
-            shard.listen(callback)
+            if shard is not None:
+                shard.listen(callback)
 
     def unlisten(self, callback: Callable[[], None]) -> None:
         for shard in self._shards:
-            shard.unlisten(callback)
+            if shard is not None:
+                shard.unlisten(callback)
 
     def poll(self) -> list[Event]:
         """The next events (possibly none), from the shards in turn. CursorExpired (with the
@@ -111,11 +114,14 @@ class FeedReader:
         for _ in range(len(self._shards)):
             i = self._next_shard
             self._next_shard = (i + 1) % len(self._shards)
+            shard = self._shards[i]
+            if shard is None:  # read elsewhere (a cluster node reads the shards it holds)
+                continue
             try:
-                changes = self._shards[i].changes(self.positions[i], self._batch)
+                changes = shard.changes(self.positions[i], self._batch)
             except CursorExpired as exc:
                 oldest = list(self.positions)
-                oldest[i] = self._shards[i].oldest_seq() - 1
+                oldest[i] = shard.oldest_seq() - 1
                 raise CursorExpired(
                     str(exc), oldest_cursor=encode_cursor(self.collection, oldest)
                 ) from None

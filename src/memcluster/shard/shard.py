@@ -87,6 +87,9 @@ class PreparedPut(msgspec.Struct, frozen=True):
     ttl_s: float | None
     if_version: int | None
     lease: int = 0
+    created_at: float | None = None
+    """Set when the memory moves here from another shard (range and vector sharding): its
+    creation time there, which the move keeps."""
 
 
 class ShardState(msgspec.Struct, array_like=True):
@@ -163,6 +166,10 @@ class Shard:
             else -(-coll.namespace_capacity_items // s)
         )
         self.applied_seq = 0
+        self.write_gate: Callable[[], None] | None = None
+        """Called under the lock before every client write; raising refuses the write. A
+        cluster node uses it to stop writes to a shard it is handing over, atomically with
+        the handover's last read of the log."""
         self._wal_bytes_at_snapshot = wal.bytes_total()
         self._last_batch_sync = clock.monotonic()
         self._last_write_mono = clock.monotonic()
@@ -331,6 +338,88 @@ class Shard:
                     break
             return out[:limit]
 
+    def records_after(self, after_seq: int, limit: int) -> list[Record]:
+        """Up to ``limit`` WAL records holding seqs above ``after_seq``, in order (what a
+        shard transfer ships). CursorExpired when the WAL no longer reaches back there."""
+        with self._wal_read_lock:
+            first = self._wal.first_seq()
+            if after_seq + 1 < first:
+                raise CursorExpired(
+                    f"{self.name}: the WAL starts at seq {first}, after {after_seq + 1}:"
+                    " start the transfer again from a new snapshot"
+                )
+            out: list[Record] = []
+            for record in self._wal.records(after_seq):
+                out.append(record)
+                if len(out) >= limit:
+                    break
+            return out
+
+    def apply_records(self, records: Sequence[Record]) -> None:
+        """Log and apply records shipped from another copy of this shard (a transfer), then
+        make them durable. Records already applied are skipped; the rest must follow on."""
+        token = -1
+        with self.lock:
+            self._check_writable(gate=False)
+            for record in records:
+                if record.last_seq > self.applied_seq:
+                    token = self._write(record)
+        if token >= 0:
+            self._wal.sync(token)
+
+    # -- resharding (a cluster splitting a range shard, or placing by new centroids) -------
+
+    def live_puts(self) -> list[PutOp]:
+        """Every live memory, as the put that would recreate it (timestamps kept)."""
+        with self.lock:
+            self._check_readable()
+            now = self._clock.time()
+            n = self._n
+            slots = np.flatnonzero(self._alive[:n] & (self._expires[:n] > now)).tolist()
+            return [
+                PutOp(
+                    self._ns_list[self._ns[s]],
+                    self._slot_key[s] or "",
+                    self._slot_text[s],
+                    self._vectors[s].astype("<f4").tobytes(),
+                    self._slot_meta[s] or b"{}",
+                    float(self._created[s]),
+                    float(self._updated[s]),
+                    None if self._expires[s] == INF else float(self._expires[s]),
+                )
+                for s in slots
+            ]
+
+    def import_puts(self, puts: Sequence[PutOp]) -> None:
+        """Write memories moved here from another shard of the collection, as they were
+        (timestamps kept; new versions). Durable on return."""
+        token = -1
+        step = self.config.batch_items_max
+        with self.lock:
+            self._check_writable()
+            now = self._clock.time()
+            for start in range(0, len(puts), step):
+                ops: list[Op] = list(puts[start : start + step])
+                token = self._write(Record(self.applied_seq + 1, now, ops))
+        if token >= 0:
+            self._wal.sync(token)
+
+    def delete_moved(self, keys: Sequence[tuple[tuple[str, ...], str]]) -> int:
+        """Delete memories that now live in another shard (allowed while the shard is frozen
+        for the move). Durable on return; returns how many were here."""
+        token = -1
+        step = self.config.batch_items_max
+        with self.lock:
+            self._check_writable(gate=False)
+            present = [k for k in keys if k in self._keys]
+            now = self._clock.time()
+            for start in range(0, len(present), step):
+                ops: list[Op] = [DeleteOp(ns, key) for ns, key in present[start : start + step]]
+                token = self._write(Record(self.applied_seq + 1, now, ops))
+        if token >= 0:
+            self._wal.sync(token)
+        return len(present)
+
     def oldest_seq(self) -> int:
         """The lowest seq the change feed can still deliver."""
         with self._wal_read_lock:
@@ -415,11 +504,13 @@ class Shard:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _check_writable(self) -> None:
+    def _check_writable(self, *, gate: bool = True) -> None:
         if self._closed:
             raise InvalidState(f"{self.name}: closed; open the database again")
         if self._failed is not None:
             raise StorageError(f"{self.name}: refuses writes after a failure: {self._failed}")
+        if gate and self.write_gate is not None:
+            self.write_gate()
 
     def _write(self, record: Record) -> int:
         """Log and apply one record; returns the WAL token. Caller holds the lock."""
@@ -492,7 +583,10 @@ class Shard:
                     actual=current,
                 )
             ttl = item.ttl_s if item.ttl_s is not None else self.coll.ttl_s
-            created = float(self._created[slot]) if current and slot is not None else now
+            if current and slot is not None:
+                created = float(self._created[slot])
+            else:
+                created = now if item.created_at is None else item.created_at
             fields = (
                 item.namespace,
                 item.key,
@@ -525,10 +619,57 @@ class Shard:
             )
 
     def write_planned(self, record: Record) -> tuple[int, list[int]]:
-        """Log and apply a record from :meth:`plan_put`: (WAL token, versions of its puts).
+        """Log and apply a record from :meth:`plan_put` or :meth:`plan_delete`: (WAL token,
+        versions of its puts).
         Caller holds ``lock`` since planning; then calls :meth:`commit` without it."""
         token = self._write(record)
         return token, [record.seq + i for i, op in enumerate(record.ops) if isinstance(op, PutOp)]
+
+    def located(self, keys: Sequence[Key]) -> list[tuple[int, float, float] | None]:
+        """For each (namespace, key): None if this shard has no slot for it, else (its
+        current version, 0 if expired; created_at; updated_at). Caller holds ``lock``.
+
+        Collections whose keys may live in any shard (range and vector sharding) ask every
+        shard, under all their locks, where a memory is before moving it."""
+        now = self._clock.time()
+        out: list[tuple[int, float, float] | None] = []
+        for k in keys:
+            slot = self._keys.get(k)
+            if slot is None:
+                out.append(None)
+            else:
+                version = self._current_version(slot, now)
+                out.append((version, float(self._created[slot]), float(self._updated[slot])))
+        return out
+
+    def plan_delete(
+        self, keys: Sequence[Key], after: Record | None = None
+    ) -> tuple[Record | None, int]:
+        """A record deleting each of ``keys`` this shard holds (live: a user delete; expired:
+        an expiry), and how many were live; (None, 0) when it holds none. Caller holds
+        ``lock``, writes the record with :meth:`write_planned` and then commits without it.
+
+        ``after``: a planned record that will be written first (its seq is taken into
+        account, and keys it deletes already are left out)."""
+        self._check_writable()
+        now = self._clock.time()
+        gone: set[Key] = set()
+        if after is not None:
+            gone = {(op.namespace, op.key) for op in after.ops if isinstance(op, DeleteOp)}
+        ops: list[Op] = []
+        live = 0
+        for namespace, key in keys:
+            slot = self._keys.get((namespace, key))
+            if slot is None or (namespace, key) in gone:
+                continue
+            existed = bool(self._expires[slot] > now)
+            live += existed
+            reason = DeleteReason.USER if existed else DeleteReason.EXPIRED
+            ops.append(DeleteOp(namespace, key, reason))
+        if not ops:
+            return None, 0
+        seq = (self.applied_seq if after is None else after.last_seq) + 1
+        return Record(seq, now, ops), live
 
     def delete(self, namespace: tuple[str, ...], key: str) -> bool:
         """Delete one memory; True if a live (unexpired) memory was deleted."""
@@ -694,13 +835,17 @@ class Shard:
     def get(self, namespace: tuple[str, ...], key: str) -> Memory | None:
         """The live memory at (namespace, key), with its vector, or None."""
         with self.lock:
-            self._check_readable()
-            now = self._clock.time()
-            slot = self._keys.get((namespace, key))
-            if slot is None or self._expires[slot] <= now:
-                return None
-            self._touch([slot], now)
-            return self._memory(slot, include_vector=True)
+            return self.get_held(namespace, key)
+
+    def get_held(self, namespace: tuple[str, ...], key: str) -> Memory | None:
+        """:meth:`get` for a caller that holds ``lock`` already."""
+        self._check_readable()
+        now = self._clock.time()
+        slot = self._keys.get((namespace, key))
+        if slot is None or self._expires[slot] <= now:
+            return None
+        self._touch([slot], now)
+        return self._memory(slot, include_vector=True)
 
     def _prefix_mask(self, prefix: tuple[str, ...]) -> npt.NDArray[np.bool_] | None:
         if not prefix:

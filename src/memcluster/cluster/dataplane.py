@@ -1,0 +1,585 @@
+"""A node's data plane: the node-to-node operations it serves, its connections to the other
+nodes, the shard moves it carries out, and keeping its shards in line with the shard map.
+
+* :class:`Peers` keeps one binary-protocol connection per other node, reconnecting on use
+  after a loss.
+* :class:`DataPlane` serves the operations of :mod:`memcluster.cluster.wire` from the node's
+  :class:`~memcluster.cluster.host.ShardHost`, and follows the shard map: it opens the shards
+  the map gives this node, activates the ones moved here, and drops the ones moved away.
+
+A move (DESIGN.md §6, "catch-up and transfer") is driven by the controller and carried out by
+the target: :meth:`DataPlane.pull` copies the source's newest snapshot file by file, applies
+the source's WAL after it until the copy is close, asks the source to freeze the shard
+(writes refused from then on, so the router sends them again), applies the last records,
+fsyncs and reports back. The controller then switches the owner in etcd with a transaction;
+when that fails it unfreezes the source and the target drops its copy. A frozen shard whose
+move never finished unfreezes itself after ``move_timeout_s``, but only by winning an etcd
+transaction that also makes any late switch fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+import numpy as np
+
+from memcluster.cluster import wire
+from memcluster.cluster.coordinator import Compare, Coordinator, Put
+from memcluster.cluster.host import ShardHost, ShardId, State, shard_name
+from memcluster.cluster.keys import COORDINATION, ShardAssignment, assignment_key, encode
+from memcluster.cluster.shardmap import ShardMap, Snapshot
+from memcluster.core import validation
+from memcluster.core.codec import PutOp, Record, decode_record, encode_record
+from memcluster.core.config import Config
+from memcluster.core.errors import (
+    CollectionNotFound,
+    InvalidState,
+    MemclusterError,
+    ShardUnavailable,
+    Unreachable,
+    WrongNode,
+)
+from memcluster.core.types import CollectionConfig, Sharding
+from memcluster.index.filters import compile_filter
+from memcluster.shard.feed import FeedReader
+from memcluster.shard.shard import Shard
+from memcluster.shard.sharding import Sharder
+from memcluster.transport.connection import Connection
+
+log = logging.getLogger("memcluster.dataplane")
+
+T = TypeVar("T")
+
+TRANSFER_CHUNK_BYTES = 4 << 20
+TAIL_RECORDS = 512
+CLOSE_ENOUGH_OPS = 256
+"""A move freezes the source once the copy is this close behind."""
+
+
+class Peers:
+    """One binary connection per peer endpoint (``mc://HOST:PORT``), opened on first use,
+    and another for its streams (a slow stream must not hold up requests). Use from the
+    event loop only."""
+
+    def __init__(self, *, api_key: str | None = None, max_frame_bytes: int) -> None:
+        self._conns: dict[str, Connection] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
+        self._api_key = api_key
+        self._max_frame_bytes = max_frame_bytes
+
+    async def get(self, url: str, purpose: str = "requests") -> Connection:
+        slot = f"{url}#{purpose}"
+        conn = self._conns.get(slot)
+        if conn is not None and not conn.closed:
+            return conn
+        lock = self._opening.setdefault(slot, asyncio.Lock())
+        async with lock:
+            conn = self._conns.get(slot)
+            if conn is None or conn.closed:
+                parts = urlsplit(url)
+                if parts.hostname is None or parts.port is None:
+                    raise Unreachable(f"peer address {url!r} is not mc://HOST:PORT")
+                conn = await Connection.open(
+                    parts.hostname,
+                    parts.port,
+                    api_key=self._api_key,
+                    connect_timeout_s=2.0,
+                    max_frame_bytes=self._max_frame_bytes,
+                )
+                self._conns[slot] = conn
+            return conn
+
+    async def request(
+        self, url: str, kind: str, body: Any, reply: type[T], timeout_s: float | None = 30.0
+    ) -> T:
+        conn = await self.get(url)
+        return await conn.request(kind, body, reply, timeout_s=timeout_s)
+
+    async def stream(self, url: str, kind: str, body: Any, item: type[T]) -> AsyncIterator[T]:
+        conn = await self.get(url, "streams")
+        async with contextlib.aclosing(conn.stream(kind, body, item)) as items:
+            async for value in items:
+                yield value
+
+    async def close(self) -> None:
+        conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+Handler = Callable[[Any], Awaitable[msgspec.Struct]]
+StreamHandler = Callable[[Any], AsyncIterator[Any]]
+
+
+async def follow_local(reader: Any, idle_check_s: float = 1.0) -> AsyncIterator[Any]:
+    """The items of a local non-blocking reader as an async stream: poll, then wait for a
+    wake-up from a writer (or ``idle_check_s``). A shard closed under the reader (it moved
+    away) ends the stream with WrongNode, so the subscriber reopens it at its new node."""
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+
+    def notify() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop may be gone
+            loop.call_soon_threadsafe(wake.set)
+
+    reader.listen(notify)
+    try:
+        while True:
+            wake.clear()
+            try:
+                items = await loop.run_in_executor(None, reader.poll)
+            except InvalidState as exc:
+                raise WrongNode(f"the subscription's shard left this node ({exc})") from None
+            for item in items:
+                yield item
+            if not items:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), idle_check_s)
+    finally:
+        reader.unlisten(notify)
+
+
+class DataPlane:
+    """Serves :mod:`~memcluster.cluster.wire` operations and keeps the host in line with the
+    map. Create and run it on the node's event loop."""
+
+    def __init__(
+        self,
+        host: ShardHost,
+        shard_map: ShardMap,
+        coord: Coordinator,
+        peers: Peers,
+        config: Config,
+        *,
+        node_id: str,
+        move_timeout_s: float = 30.0,
+    ) -> None:
+        self.host = host
+        self.map = shard_map
+        self.coord = coord
+        self.peers = peers
+        self.config = config
+        self.node_id = node_id
+        self.move_timeout_s = move_timeout_s
+        self._pool = ThreadPoolExecutor(
+            max_workers=config.request_threads, thread_name_prefix="memcluster-peer"
+        )
+        self._pulling: set[ShardId] = set()
+        self._sharders: dict[str, tuple[CollectionConfig, Sharder]] = {}
+        self._sync_needed = asyncio.Event()
+        self._stop = asyncio.Event()
+        h = self.host
+        self.handlers: dict[str, tuple[type[msgspec.Struct], Handler]] = {
+            "shard.put": (wire.ShardPut, self._blocking(self._put)),
+            "shard.get": (wire.ShardGet, self._blocking(self._get)),
+            "shard.delete": (wire.ShardDelete, self._blocking(self._delete)),
+            "shard.search": (wire.ShardSearch, self._blocking(self._search)),
+            "shard.count": (wire.ShardScope, self._blocking(self._count)),
+            "shard.delete_where": (wire.ShardScope, self._blocking(self._delete_where)),
+            "shard.list": (wire.ShardList, self._blocking(self._list)),
+            "shard.stats": (
+                wire.ShardScope,
+                self._blocking(
+                    lambda b: wire.ShardStats(h.stats([(b.collection, n) for n in b.shards]))
+                ),
+            ),
+            "shard.transfer_begin": (
+                wire.ShardRef,
+                self._blocking(
+                    lambda b: wire.TransferBegin(*h.transfer_begin((b.collection, b.shard)))
+                ),
+            ),
+            "shard.transfer_read": (
+                wire.TransferRead,
+                self._blocking(
+                    lambda b: wire.Chunk(h.transfer_read(b.transfer, b.name, b.offset, b.size))
+                ),
+            ),
+            "shard.transfer_end": (wire.TransferRef, self._blocking(self._transfer_end)),
+            "shard.tail": (wire.Tail, self._blocking(self._tail)),
+            "shard.freeze": (
+                wire.ShardRef,
+                self._blocking(lambda b: wire.Seq(h.freeze((b.collection, b.shard)))),
+            ),
+            "shard.unfreeze": (wire.ShardRef, self._unfreeze),
+            "shard.pull": (wire.Pull, self._pull_handler),
+            "shard.abort": (wire.ShardRef, self._abort),
+            "shard.rehome": (wire.Rehome, self._rehome),
+            "shard.rehome_finish": (wire.Rehome, self._blocking(self._rehome_finish)),
+            "shard.import": (wire.Import, self._blocking(self._import)),
+            "shard.sample": (wire.Sample, self._blocking(self._sample)),
+        }
+        self.streams: dict[str, tuple[type[msgspec.Struct], StreamHandler]] = {
+            "shard.subscribe": (wire.ShardSubscribe, self.subscribe),
+        }
+
+    def _blocking(self, fn: Callable[[Any], msgspec.Struct]) -> Handler:
+        async def run(body: Any) -> msgspec.Struct:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, functools.partial(fn, body))
+
+        return run
+
+    def close(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True)
+
+    # -- data operations (run on the pool) -----------------------------------------------------
+
+    def _scope(self, namespace: tuple[str, ...], flt: Mapping[str, Any] | None) -> Any:
+        prefix = validation.namespace(namespace, self.config, allow_empty=True)
+        return prefix, compile_filter(flt)
+
+    def _put(self, b: wire.ShardPut) -> wire.ShardPutReply:
+        config = self._config_of(b.collection)
+        if config.sharding is not Sharding.HASH:
+            self._check_placement(config, b.batches)
+        return wire.ShardPutReply(self.host.put(b.collection, b.batches, b.idempotency_key))
+
+    def _sharder(self, config: CollectionConfig) -> Sharder:
+        cached = self._sharders.get(config.name)
+        if cached is None or cached[0] != config:
+            cached = (config, Sharder(config))
+            self._sharders[config.name] = cached
+        return cached[1]
+
+    def _check_placement(self, config: CollectionConfig, batches: Mapping[int, Any]) -> None:
+        """Range and vector shards take only the memories the config places on them: a
+        router with an older config (before a split) is told to route again."""
+        sharder = self._sharder(config)
+        for shard, memories in batches.items():
+            vectors = validation.vectors([m.vector for m in memories], config.dim, config.metric)
+            placed = sharder.place(
+                [m.namespace for m in memories],
+                [m.key for m in memories],
+                vectors,
+                [m.metadata for m in memories],
+            )
+            if any(p != shard for p in placed):
+                raise WrongNode(
+                    f"shard {config.name}/{shard:04d} does not hold some of these memories"
+                    " under the collection's current layout: route again"
+                )
+
+    def _get(self, b: wire.ShardGet) -> wire.ShardGetReply:
+        for n in b.shards:
+            memory = self.host.get((b.collection, n), b.namespace, b.key)
+            if memory is not None:
+                return wire.ShardGetReply(memory)
+        return wire.ShardGetReply(None)
+
+    def _delete(self, b: wire.ShardDelete) -> wire.ShardCount:
+        return wire.ShardCount(
+            sum(self.host.delete((b.collection, n), keys) for n, keys in b.deletes.items())
+        )
+
+    def _search(self, b: wire.ShardSearch) -> wire.ShardHits:
+        prefix, flt = self._scope(b.namespace, b.filter)
+        shards = [(b.collection, n) for n in b.shards]
+        config = self._config_of(b.collection)
+        query = validation.query_vector(b.vector, config.dim, config.metric)
+        return wire.ShardHits(self.host.search(shards, query, b.k, prefix, flt, b.include_vectors))
+
+    def _config_of(self, collection: str) -> CollectionConfig:
+        config = self.map.current.collections.get(collection)
+        if config is None:
+            raise CollectionNotFound(f"no collection named {collection!r}")
+        return config
+
+    def _count(self, b: wire.ShardScope) -> wire.ShardCount:
+        prefix, flt = self._scope(b.namespace, b.filter)
+        return wire.ShardCount(self.host.count([(b.collection, n) for n in b.shards], prefix, flt))
+
+    def _delete_where(self, b: wire.ShardScope) -> wire.ShardCount:
+        prefix, flt = self._scope(b.namespace, b.filter)
+        shards = [(b.collection, n) for n in b.shards]
+        return wire.ShardCount(self.host.delete_where(shards, prefix, flt))
+
+    def _list(self, b: wire.ShardList) -> wire.ShardItems:
+        prefix, flt = self._scope(b.namespace, b.filter)
+        shards = [(b.collection, n) for n in b.shards]
+        return wire.ShardItems(self.host.list_page(shards, prefix, flt, b.after, b.limit))
+
+    def feed_reader(self, b: wire.ShardSubscribe) -> FeedReader:
+        """A reader of one shard held here (WrongNode if it is not), from ``b.cursor``."""
+        config = self._config_of(b.collection)
+        shards: list[Shard | None] = [None] * config.shards
+        shards[b.shard] = self.host.reader((b.collection, b.shard))
+        prefix, flt = self._scope(b.namespace, b.filter)
+        return FeedReader(
+            b.collection,
+            shards,
+            prefix,
+            flt,
+            b.cursor,
+            include_vectors=b.include_vectors,
+            batch=self.config.feed_batch_events,
+        )
+
+    async def subscribe(self, b: wire.ShardSubscribe) -> AsyncIterator[Any]:
+        reader = await self._run(self.feed_reader, b)
+        async for event in follow_local(reader):
+            yield event
+
+    # -- resharding ----------------------------------------------------------------------------
+
+    def _placement(self, config: CollectionConfig, puts: list[PutOp]) -> list[int]:
+        if not puts:
+            return []
+        dim = config.dim
+        vectors = np.frombuffer(b"".join(p.vector for p in puts), dtype="<f4").reshape(-1, dim)
+        return self._sharder(config).place(
+            [p.namespace for p in puts],
+            [p.key for p in puts],
+            vectors,
+            [msgspec.json.decode(p.metadata) for p in puts],
+        )
+
+    async def _rehome(self, b: wire.Rehome) -> wire.Rehomed:
+        """Freeze the shard and copy each memory that ``b.config`` places elsewhere to its
+        shard (it stays here too until :meth:`_rehome_finish`)."""
+        shard_id = (b.config.name, b.shard)
+        await self._run(self.host.freeze, shard_id)
+        puts = await self._run(lambda: self.host.reader(shard_id).live_puts())
+        placed = await self._run(self._placement, b.config, puts)
+        moving: dict[int, list[PutOp]] = {}
+        for put, target in zip(puts, placed, strict=True):
+            if target != b.shard:
+                moving.setdefault(target, []).append(put)
+        snap = self.map.current
+        for target, ops in sorted(moving.items()):
+            owner = snap.owner(b.config.name, target)
+            if owner is None or owner not in snap.nodes:
+                raise ShardUnavailable(f"shard {b.config.name}/{target:04d} has no live node")
+            step = self.config.batch_items_max
+            for start in range(0, len(ops), step):
+                body = wire.Import(
+                    collection=b.config.name,
+                    shard=target,
+                    record=encode_record(Record(1, 0.0, list(ops[start : start + step]))),
+                )
+                if owner == self.node_id:
+                    await self._run(self._import, body)
+                else:
+                    url = snap.nodes[owner].peer_url
+                    await self.peers.request(url, "shard.import", body, wire.Done)
+        return wire.Rehomed({t: len(ops) for t, ops in moving.items()})
+
+    def _rehome_finish(self, b: wire.Rehome) -> wire.Done:
+        """``b.config`` is in force: delete what it places elsewhere, serve writes again."""
+        shard_id = (b.config.name, b.shard)
+        shard = self.host.reader(shard_id)
+        puts = shard.live_puts()
+        placed = self._placement(b.config, puts)
+        gone = [(p.namespace, p.key) for p, t in zip(puts, placed, strict=True) if t != b.shard]
+        shard.delete_moved(gone)
+        self.host.activate(shard_id)
+        log.info("shard %s: %d memories now live elsewhere", shard_name(shard_id), len(gone))
+        return wire.Done()
+
+    def _import(self, b: wire.Import) -> wire.Done:
+        ops = decode_record(b.record).ops
+        puts = [op for op in ops if isinstance(op, PutOp)]
+        self.host.writer((b.collection, b.shard)).import_puts(puts)
+        return wire.Done()
+
+    def _sample(self, b: wire.Sample) -> wire.SampleReply:
+        shard = self.host.reader((b.collection, b.shard))
+        puts = shard.live_puts()
+        rng = np.random.default_rng(0)
+        chosen = [puts[i] for i in sorted(rng.permutation(len(puts))[: b.size].tolist())]
+        dim = self._config_of(b.collection).dim
+        raw = b"".join(p.vector for p in chosen)
+        vectors = np.frombuffer(raw, dtype="<f4").reshape(-1, dim)
+        values: list[float] = []
+        if b.field is not None:
+            for p in chosen:
+                value = msgspec.json.decode(p.metadata).get(b.field)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    values.append(float(value))
+        return wire.SampleReply(vectors, values, len(puts))
+
+    def _transfer_end(self, b: wire.TransferRef) -> wire.Done:
+        self.host.transfer_end(b.transfer)
+        return wire.Done()
+
+    def _tail(self, b: wire.Tail) -> wire.TailReply:
+        records, applied = self.host.tail((b.collection, b.shard), b.after, b.limit)
+        return wire.TailReply([encode_record(r) for r in records], applied)
+
+    # -- moves ---------------------------------------------------------------------------------
+
+    async def _unfreeze(self, b: wire.ShardRef) -> wire.Done:
+        """The controller gave the move up: serve writes again if the map still says so."""
+        snap = await self.map.refresh()
+        if snap.owner(b.collection, b.shard) == self.node_id:
+            self.host.activate((b.collection, b.shard))
+        return wire.Done()
+
+    async def _abort(self, b: wire.ShardRef) -> wire.Done:
+        shard_id = (b.collection, b.shard)
+        if self.host.states().get(shard_id) in (State.INCOMING, State.READY):
+            await self._run(self.host.drop, shard_id)
+        return wire.Done()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _pull_handler(self, b: wire.Pull) -> wire.Done:
+        await self.pull(b.config, b.shard, b.source)
+        return wire.Done()
+
+    async def pull(self, config: CollectionConfig | None, number: int, source: str) -> None:
+        """Copy shard ``number`` of ``config`` (None: the coordination shard) from the node at
+        ``source`` (see the module docstring). On success the copy here is READY and as new as
+        the frozen source."""
+        shard_id: ShardId = COORDINATION if config is None else (config.name, number)
+        if shard_id in self._pulling:
+            raise MemclusterError(f"shard {shard_name(shard_id)} is being pulled already")
+        self._pulling.add(shard_id)
+        ref = wire.ShardRef(collection=shard_id[0], shard=shard_id[1])
+        started = time.monotonic()
+        try:
+            begin = await self.peers.request(
+                source, "shard.transfer_begin", ref, wire.TransferBegin
+            )
+            files: dict[str, bytes] = {}
+            try:
+                for name, size in begin.files.items():
+                    parts = []
+                    for offset in range(0, size, TRANSFER_CHUNK_BYTES):
+                        chunk = await self.peers.request(
+                            source,
+                            "shard.transfer_read",
+                            wire.TransferRead(
+                                transfer=begin.transfer,
+                                name=name,
+                                offset=offset,
+                                size=TRANSFER_CHUNK_BYTES,
+                            ),
+                            wire.Chunk,
+                        )
+                        parts.append(chunk.data)
+                    files[name] = b"".join(parts)
+            finally:
+                with contextlib.suppress(MemclusterError):
+                    await self.peers.request(
+                        source,
+                        "shard.transfer_end",
+                        wire.TransferRef(transfer=begin.transfer),
+                        wire.Done,
+                    )
+            await self._run(self.host.install_snapshot, shard_id, config, begin.seq, files)
+            applied = begin.seq
+            while True:  # catch up while the source keeps taking writes
+                applied, behind = await self._catch_up(source, shard_id, applied)
+                if behind <= CLOSE_ENOUGH_OPS:
+                    break
+            final = await self.peers.request(source, "shard.freeze", ref, wire.Seq)
+            while applied < final.seq:
+                applied, _ = await self._catch_up(source, shard_id, applied)
+            await self._run(self.host.ready, shard_id)
+            log.info(
+                "pulled shard %s from %s: snapshot seq %d, %d files, up to seq %d in %.2f s",
+                shard_name(shard_id),
+                source,
+                begin.seq,
+                len(files),
+                applied,
+                time.monotonic() - started,
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._run(self.host.drop, shard_id)
+            raise
+        finally:
+            self._pulling.discard(shard_id)
+
+    async def _catch_up(self, source: str, shard_id: ShardId, applied: int) -> tuple[int, int]:
+        """Apply one batch of the source's WAL after ``applied``: (new applied, ops behind)."""
+        tail = await self.peers.request(
+            source,
+            "shard.tail",
+            wire.Tail(collection=shard_id[0], shard=shard_id[1], after=applied, limit=TAIL_RECORDS),
+            wire.TailReply,
+        )
+        records = [decode_record(r) for r in tail.records]
+        if records:
+            applied = await self._run(self.host.apply, shard_id, records)
+        return applied, tail.applied - applied
+
+    # -- following the map ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Open the shards held on disk that the map still gives this node, then keep the host
+        in line with every change of the map until :meth:`close`."""
+        await self.map.loaded.wait()
+        snap = self.map.current
+        for shard_id in self.host.on_disk():
+            if snap.owner(*shard_id) == self.node_id:
+                await self._run(self.host.reopen, shard_id)
+        self.map.listen(lambda _: self._sync_needed.set())
+        self._sync_needed.set()
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sync_needed.wait(), 1.0)
+            self._sync_needed.clear()
+            try:
+                await self._sync(self.map.current)
+            except MemclusterError as exc:
+                log.warning("data plane: following the shard map: %s; retrying", exc)
+
+    async def _sync(self, snap: Snapshot) -> None:
+        states = self.host.states()
+        for shard_id, assignment in snap.shards.items():
+            state = states.get(shard_id)
+            if assignment.leader == self.node_id:
+                if state is None and shard_id not in self._pulling:
+                    if assignment.epoch > 1:
+                        log.warning(
+                            "shard %s (epoch %d) is assigned here but its data is not: "
+                            "opening it empty",
+                            shard_name(shard_id),
+                            assignment.epoch,
+                        )
+                    if shard_id == COORDINATION:
+                        await self._run(self.host.open_coordination)
+                    else:
+                        config = snap.collections[shard_id[0]]
+                        await self._run(self.host.open, config, shard_id[1])
+                elif state is State.READY:
+                    self.host.activate(shard_id)
+            elif state in (State.ACTIVE, State.FROZEN):
+                await self._run(self.host.drop, shard_id)
+        for shard_id, state in states.items():
+            if shard_id not in snap.shards and state is not State.INCOMING:
+                await self._run(self.host.drop, shard_id)  # its collection was dropped
+        now = time.monotonic()
+        for shard_id, since in self.host.frozen_since().items():
+            if now - since > self.move_timeout_s:
+                await self._reclaim(shard_id)
+
+    async def _reclaim(self, shard_id: ShardId) -> None:
+        """A move froze this shard and never finished: take it back by an etcd txn that bumps
+        the epoch, so a late switch (conditioned on the old revision) fails."""
+        key = assignment_key(self.map.cluster, shard_id)
+        kv = await self.coord.get(key)
+        if kv is None:
+            return
+        current = msgspec.json.decode(kv.value, type=ShardAssignment)
+        if current.leader != self.node_id:
+            return
+        bumped = msgspec.structs.replace(current, epoch=current.epoch + 1)
+        if await self.coord.txn([Compare(key, kv.mod_revision)], [Put(key, encode(bumped))]):
+            log.warning("shard %s: a move stalled; serving writes again", shard_name(shard_id))
+            self.host.activate(shard_id)

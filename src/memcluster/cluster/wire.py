@@ -1,0 +1,203 @@
+"""The node-to-node operations of the binary protocol: shard-level reads and writes, and
+shard transfer. Clients never send them; nodes send them to the node holding a shard.
+
+Each request names the collection and the shard numbers it is for; the receiving node answers
+from those shards only, or with ``WrongNode`` if it does not hold one of them (the sender
+looks the owner up again). Bodies are msgpack like the public operations (vectors as float32
+extension values).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from memcluster.core.types import CollectionConfig, Hit, Memory
+
+Key = tuple[tuple[str, ...], str]
+
+
+class ShardPut(msgspec.Struct, kw_only=True):
+    collection: str
+    batches: dict[int, list[Memory]]
+    idempotency_key: str | None = None
+
+
+class ShardPutReply(msgspec.Struct):
+    versions: dict[int, list[int]]
+
+
+class ShardGet(msgspec.Struct, kw_only=True):
+    collection: str
+    shards: list[int]
+    namespace: tuple[str, ...]
+    key: str
+
+
+class ShardGetReply(msgspec.Struct):
+    memory: Memory | None
+
+
+class ShardDelete(msgspec.Struct, kw_only=True):
+    collection: str
+    deletes: dict[int, list[Key]]
+    """Per shard, the memories to delete there."""
+
+
+class ShardScope(msgspec.Struct, kw_only=True):
+    """count, delete_where, stats: over ``shards``, a namespace prefix and a filter."""
+
+    collection: str
+    shards: list[int]
+    namespace: tuple[str, ...] = ()
+    filter: dict[str, Any] | None = None
+
+
+class ShardCount(msgspec.Struct):
+    count: int
+
+
+class ShardSearch(msgspec.Struct, kw_only=True):
+    collection: str
+    shards: list[int]
+    vector: Any
+    k: int
+    namespace: tuple[str, ...] = ()
+    filter: dict[str, Any] | None = None
+    include_vectors: bool = False
+
+
+class ShardHits(msgspec.Struct):
+    hits: list[Hit]
+
+
+class ShardList(msgspec.Struct, kw_only=True):
+    collection: str
+    shards: list[int]
+    namespace: tuple[str, ...] = ()
+    filter: dict[str, Any] | None = None
+    after: Key | None = None
+    limit: int
+
+
+class ShardItems(msgspec.Struct):
+    items: list[Memory]
+
+
+class ShardStats(msgspec.Struct):
+    stats: dict[int, dict[str, int]]
+
+
+class ShardRef(msgspec.Struct, kw_only=True):
+    collection: str
+    """The collection, or ``#coordination`` for the coordination shard."""
+    shard: int
+
+
+class TransferBegin(msgspec.Struct):
+    transfer: str
+    seq: int
+    """The snapshot's seq; 0: no snapshot, the copy starts empty and takes the whole WAL."""
+    files: dict[str, int]
+    """The snapshot's files and their sizes."""
+
+
+class TransferRead(msgspec.Struct, kw_only=True):
+    transfer: str
+    name: str
+    offset: int
+    size: int
+
+
+class TransferRef(msgspec.Struct, kw_only=True):
+    transfer: str
+
+
+class Chunk(msgspec.Struct):
+    data: bytes
+
+
+class Tail(msgspec.Struct, kw_only=True):
+    collection: str
+    shard: int
+    after: int
+    limit: int
+
+
+class TailReply(msgspec.Struct):
+    records: list[bytes]
+    """Encoded WAL records (``codec.encode_record``)."""
+    applied: int
+    """The source's applied seq when it read them."""
+
+
+class Seq(msgspec.Struct):
+    seq: int
+
+
+class Pull(msgspec.Struct, kw_only=True):
+    """Sent by the controller to a move's target: copy the shard from ``source``."""
+
+    config: CollectionConfig | None
+    """None for the coordination shard."""
+    shard: int
+    source: str
+    """The source node's binary endpoint, ``mc://HOST:PORT``."""
+
+
+class ShardSubscribe(msgspec.Struct, kw_only=True):
+    """A stream of one shard's change-feed events from ``cursor`` (the collection's cursor:
+    a seq per shard, of which this node reads shard ``shard``)."""
+
+    collection: str
+    shard: int
+    cursor: str
+    namespace: tuple[str, ...] = ()
+    filter: dict[str, Any] | None = None
+    include_vectors: bool = False
+
+
+class Rehome(msgspec.Struct, kw_only=True):
+    """Sent by the controller to a shard's node: place the shard's memories by ``config``
+    (a range split, or centroids learned), copying to the other shards the ones that now
+    belong there (``shard.rehome``), or deleting them here once ``config`` is in force
+    (``shard.rehome_finish``)."""
+
+    config: CollectionConfig
+    shard: int
+
+
+class Rehomed(msgspec.Struct):
+    moved: dict[int, int]
+    """Memories copied, per target shard."""
+
+
+class Import(msgspec.Struct, kw_only=True):
+    """Memories moved into ``shard`` from another shard of the collection."""
+
+    collection: str
+    shard: int
+    record: bytes
+    """An encoded WAL record whose ops are the puts (``codec.encode_record``)."""
+
+
+class Sample(msgspec.Struct, kw_only=True):
+    collection: str
+    shard: int
+    size: int
+    field: str | None = None
+
+
+class SampleReply(msgspec.Struct):
+    vectors: Any
+    """Up to ``size`` random memories' vectors: float32, row after row (the wire's vector
+    extension is flat; reshape to (n, dim))."""
+    values: list[float]
+    """Their ``field`` metadata values (numbers only), when a field was asked for."""
+    items: int
+    """How many memories the shard holds."""
+
+
+class Done(msgspec.Struct):
+    pass

@@ -1,0 +1,818 @@
+"""Any node answers any request: route it to the shards' owners, scatter, gather, merge.
+
+:class:`ClusterStore` gives a cluster node the interface the server serves
+(:class:`memcluster.node.service.Store`), so HTTP and binary clients use a cluster exactly as
+they use one server. For each request it
+
+1. **plans** the shards: one for a key in a hash collection; the shards a namespace, a range
+   filter or the nearest centroids allow for a search (:class:`~memcluster.shard.sharding.
+   Sharder`); all of them otherwise;
+2. **scatters**: groups the shards by the node the shard map names, and sends each node one
+   request for its shards over the binary protocol (shards held here are served in-process),
+   all in parallel, within ``route_deadline_s``;
+3. **gathers and merges**: the global top-k by score (ties by namespace and key), sums, or
+   the first page of the merged key order.
+
+A node that answers ``WrongNode`` (the shard moved, or is not open yet) or cannot be reached
+makes the router wait for the next change of the shard map and send that part again, until
+the deadline. A shard whose node is down is reported at once: ``ShardUnavailable`` naming the
+shard and the node, or, for a search with ``allow_partial=True``, an answer from the other
+shards that lists it in ``missing_shards``.
+
+Writes: the shards of one node are written atomically; a batch that spans nodes is written
+node by node, so a batch rejected by one node (a version conflict, capacity) may have been
+written on another. Range- and vector-sharded collections place a memory by its field or
+vector, so a memory that changes them moves: it is written to its new shard, then deleted
+from the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+import numpy as np
+
+from memcluster.cluster import wire
+from memcluster.cluster.coordinator import Compare, Coordinator, Delete, Put
+from memcluster.cluster.dataplane import DataPlane, Peers, follow_local
+from memcluster.cluster.keys import COORDINATION, collection_key, encode, shard_key
+from memcluster.cluster.shardmap import ShardMap, Snapshot
+from memcluster.core import api, validation
+from memcluster.core.api import OPERATIONS, Consistency
+from memcluster.core.config import Config
+from memcluster.core.errors import (
+    CollectionExists,
+    CollectionNotFound,
+    InvalidArgument,
+    InvalidState,
+    MemclusterError,
+    PayloadTooLarge,
+    ShardUnavailable,
+    Unreachable,
+    WrongNode,
+)
+from memcluster.core.types import (
+    CollectionConfig,
+    CollectionInfo,
+    CollectionStats,
+    Event,
+    Hit,
+    Memory,
+    Message,
+    Page,
+    SearchResult,
+)
+from memcluster.query.feeds import MergedFeed, StreamReader
+from memcluster.shard.coord import CoordShard
+from memcluster.shard.feed import TopicReader, decode_cursor, encode_cursor
+from memcluster.shard.prepare import prepare_puts
+from memcluster.shard.sharding import Sharder, check_config
+
+T = TypeVar("T")
+
+ROUTE_DEADLINE_S = 15.0
+"""How long a request keeps re-routing around moves and restarts before it fails."""
+
+_NOT_IN_CLUSTER = (
+    "{what} are not served by a cluster yet: run them against a single server (memcluster serve)"
+)
+
+
+def _no_lease(lease: object) -> int:
+    if lease is not None:
+        raise InvalidArgument(
+            "lease= on a memory is not supported in a cluster yet: use ttl_s instead"
+        )
+    return 0
+
+
+def _encode_cursor(after: tuple[tuple[str, ...], str]) -> str:
+    return base64.urlsafe_b64encode(msgspec.msgpack.encode(after)).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[tuple[str, ...], str]:
+    try:
+        ns, key = msgspec.msgpack.decode(
+            base64.urlsafe_b64decode(cursor.encode()), type=tuple[tuple[str, ...], str]
+        )
+    except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
+        raise InvalidArgument(
+            "cursor is not valid: pass the next_cursor of a previous page unchanged"
+        ) from None
+    return ns, key
+
+
+class ClusterStore:
+    """The cluster seen from one node. Its methods block: the server calls them on its
+    request threads, and they talk to other nodes through the node's event loop."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        shard_map: ShardMap,
+        dataplane: DataPlane,
+        peers: Peers,
+        coord: Coordinator,
+        loop: asyncio.AbstractEventLoop,
+        config: Config,
+        route_deadline_s: float = ROUTE_DEADLINE_S,
+    ) -> None:
+        self.node_id = node_id
+        self.map = shard_map
+        self.dp = dataplane
+        self.peers = peers
+        self.coord = coord
+        self.loop = loop
+        self.config = config
+        self.route_deadline_s = route_deadline_s
+        self._local: dict[str, Callable[[Any], msgspec.Struct]] = {
+            "shard.put": dataplane._put,
+            "shard.get": dataplane._get,
+            "shard.delete": dataplane._delete,
+            "shard.search": dataplane._search,
+            "shard.count": dataplane._count,
+            "shard.delete_where": dataplane._delete_where,
+            "shard.list": dataplane._list,
+            "shard.stats": lambda b: wire.ShardStats(
+                dataplane.host.stats([(b.collection, n) for n in b.shards])
+            ),
+        }
+        self._sharders: dict[str, tuple[CollectionConfig, Sharder]] = {}
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _await(self, coro: Any, timeout_s: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def sharder(self, config: CollectionConfig) -> Sharder:
+        cached = self._sharders.get(config.name)
+        if cached is None or cached[0] != config:
+            cached = (config, Sharder(config))
+            self._sharders[config.name] = cached
+        return cached[1]
+
+    def scatter(
+        self,
+        collection: str,
+        shards: Sequence[int],
+        kind: str,
+        body: Callable[[list[int]], msgspec.Struct],
+        reply: type[T],
+        *,
+        allow_partial: bool = False,
+    ) -> tuple[list[T], list[str]]:
+        """Send ``body(shards of a node)`` to each owner of ``shards``; the replies and the
+        shards that could not answer (only with ``allow_partial``; else ShardUnavailable)."""
+        deadline = time.monotonic() + self.route_deadline_s
+        pending = sorted(set(shards))
+        replies: list[T] = []
+        missing: list[str] = []
+        last_problem = ""
+        while pending:
+            snap = self.map.current
+            groups: dict[str, list[int]] = {}
+            waiting: list[int] = []
+            for n in pending:
+                owner = snap.owner(collection, n)
+                if owner is None:
+                    waiting.append(n)
+                    last_problem = f"shard {collection}/{n:04d} has no node yet"
+                elif owner not in snap.nodes:
+                    problem = (
+                        f"shard {collection}/{n:04d} is unavailable: its node {owner} is down"
+                        " (no heartbeat within the lease TTL); it returns with that node"
+                    )
+                    if not allow_partial:
+                        raise ShardUnavailable(problem)
+                    missing.append(f"{collection}/{n:04d}")
+                else:
+                    groups.setdefault(owner, []).append(n)
+            futures: dict[str, concurrent.futures.Future[Any]] = {}
+            local: list[int] | None = None
+            for owner, group in groups.items():
+                if owner == self.node_id:
+                    local = group
+                else:
+                    url = snap.nodes[owner].peer_url
+                    futures[owner] = asyncio.run_coroutine_threadsafe(
+                        self.peers.request(url, kind, body(group), reply, self.route_deadline_s),
+                        self.loop,
+                    )
+            retry: list[int] = list(waiting)
+            if local is not None:
+                try:
+                    got = self._local[kind](body(local))
+                    assert isinstance(got, reply)
+                    replies.append(got)
+                except WrongNode as exc:
+                    retry.extend(local)
+                    last_problem = str(exc)
+            for owner, future in futures.items():
+                try:
+                    replies.append(future.result())
+                except (WrongNode, Unreachable) as exc:
+                    retry.extend(groups[owner])
+                    last_problem = str(exc)
+            pending = sorted(retry)
+            if pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    names = ", ".join(f"{collection}/{n:04d}" for n in pending)
+                    if allow_partial:
+                        missing.extend(f"{collection}/{n:04d}" for n in pending)
+                        break
+                    raise ShardUnavailable(
+                        f"shards {names} did not answer within {self.route_deadline_s} s:"
+                        f" {last_problem}"
+                    )
+                self._wait_change(snap, min(left, 0.2))
+        return replies, sorted(missing)
+
+    def _wait_change(self, snap: Snapshot, timeout_s: float) -> None:
+        before = snap.revision
+        if self.map.wait_change(before, timeout_s).revision == before:
+            time.sleep(0.02)
+
+    # -- collections ---------------------------------------------------------------------------
+
+    def create_collection_from(self, config: CollectionConfig) -> ClusterCollection:
+        config = self._check(config)
+        key = collection_key(self.map.cluster, config.name)
+        if not self._await(self.coord.txn([Compare(key, 0)], [Put(key, encode(config))])):
+            raise CollectionExists(
+                f"collection {config.name!r} exists already; use db.collection()"
+            )
+        # Wait (briefly) until the controller placed every shard, so that the first write
+        # does not have to.
+        deadline = time.monotonic() + self.route_deadline_s
+        snap = self.map.current
+        while time.monotonic() < deadline:
+            placed = [snap.owner(config.name, n) for n in range(config.shards)]
+            if config.name in snap.collections and all(placed):
+                break
+            snap = self.map.wait_change(snap.revision, 0.2)
+        return ClusterCollection(self, config)
+
+    def _check(self, config: CollectionConfig) -> CollectionConfig:
+        validation.collection_name(config.name)
+        validation.int_in_range("dim", config.dim, 1, self.config.dim_max)
+        validation.int_in_range("shards", config.shards, 1, self.config.shards_max)
+        return check_config(config)
+
+    def collection(self, name: str) -> ClusterCollection:
+        validation.collection_name(name)
+        config = self.map.current.collections.get(name)
+        if config is None:
+            # Created through another node a moment ago? Ask etcd before saying no.
+            config = self._await(self.map.refresh()).collections.get(name)
+        if config is None:
+            raise CollectionNotFound(
+                f"no collection named {name!r}; db.list_collections() lists them, "
+                "db.create_collection() makes one"
+            )
+        return ClusterCollection(self, config)
+
+    def list_collections(self) -> list[str]:
+        return sorted(self.map.current.collections)
+
+    def drop_collection(self, name: str) -> None:
+        config = self.collection(name)
+        cluster = self.map.cluster
+        key = collection_key(cluster, name)
+
+        async def drop() -> bool:
+            kv = await self.coord.get(key)
+            if kv is None:
+                return False
+            ops = [Delete(key)] + [
+                Delete(shard_key(cluster, name, n)) for n in range(config.config.shards)
+            ]
+            return await self.coord.txn([Compare(key, kv.mod_revision)], ops)
+
+        if not self._await(drop()):
+            raise CollectionNotFound(f"no collection named {name!r} to drop")
+
+    # -- coordination: served by the node holding the coordination shard ---------------------
+
+    def _coordinate(
+        self,
+        kind: str,
+        body: msgspec.Struct,
+        reply: type[T],
+        local: Callable[[CoordShard], T],
+        *,
+        wait_s: float = 0.0,
+    ) -> T:
+        """Run a coordination operation where the coordination shard is: here, or forwarded
+        as the same public operation to its node. Sent again after WrongNode (refused before
+        any effect); after a lost connection only if the operation may be retried."""
+        deadline = time.monotonic() + self.route_deadline_s
+        retry_lost = OPERATIONS[kind].retry
+        while True:
+            snap = self.map.current
+            owner = snap.owner(*COORDINATION)
+            problem: MemclusterError
+            if owner is None:
+                problem = ShardUnavailable("the coordination shard has no node yet")
+            elif owner not in snap.nodes:
+                raise ShardUnavailable(
+                    f"the coordination shard (leases, locks, counters, topics) is unavailable:"
+                    f" its node {owner} is down; it returns with that node"
+                )
+            else:
+                try:
+                    if owner == self.node_id:
+                        return local(self.dp.host.coordination())
+                    url = snap.nodes[owner].peer_url
+                    got: T = self._await(
+                        self.peers.request(url, kind, body, reply, self.route_deadline_s + wait_s)
+                    )
+                    return got
+                except WrongNode as exc:
+                    problem = exc
+                except Unreachable as exc:
+                    if not retry_lost:
+                        raise
+                    problem = exc
+            if time.monotonic() > deadline:
+                raise ShardUnavailable(
+                    f"the coordination shard did not answer within {self.route_deadline_s} s:"
+                    f" {problem}"
+                )
+            self._wait_change(snap, 0.2)
+
+    def grant_lease(self, ttl_s: float) -> int:
+        return self._coordinate(
+            "leases.grant",
+            api.LeaseBody(ttl_s=ttl_s),
+            api.LeaseReply,
+            lambda c: api.LeaseReply(c.grant_lease(ttl_s)),
+        ).lease
+
+    def keepalive(self, lease: int) -> float:
+        return self._coordinate(
+            "leases.keepalive",
+            api.LeaseRef(lease=lease),
+            api.KeepaliveReply,
+            lambda c: api.KeepaliveReply(c.keepalive(lease)),
+        ).expires_at
+
+    def revoke(self, lease: int) -> None:
+        def local(c: CoordShard) -> api.Empty:
+            c.revoke(lease)
+            return api.Empty()
+
+        self._coordinate("leases.revoke", api.LeaseRef(lease=lease), api.Empty, local)
+
+    def acquire_lock(
+        self, name: str, ttl_s: float = 10.0, timeout_s: float = 30.0, lease: int | None = None
+    ) -> int:
+        body = api.LockBody(name=name, ttl_s=ttl_s, timeout_s=timeout_s, lease=lease)
+        return self._coordinate(
+            "locks.acquire",
+            body,
+            api.TokenReply,
+            lambda c: api.TokenReply(c.acquire_lock(name, ttl_s, timeout_s, lease)),
+            wait_s=_wait(timeout_s),
+        ).token
+
+    def release_lock(self, name: str, token: int) -> None:
+        def local(c: CoordShard) -> api.Empty:
+            c.release_lock(name, token)
+            return api.Empty()
+
+        self._coordinate("locks.release", api.ReleaseBody(name=name, token=token), api.Empty, local)
+
+    def acquire_semaphore(
+        self,
+        name: str,
+        permits: int,
+        ttl_s: float = 10.0,
+        timeout_s: float = 30.0,
+        lease: int | None = None,
+    ) -> int:
+        body = api.SemaphoreBody(
+            name=name, permits=permits, ttl_s=ttl_s, timeout_s=timeout_s, lease=lease
+        )
+        return self._coordinate(
+            "semaphores.acquire",
+            body,
+            api.TokenReply,
+            lambda c: api.TokenReply(c.acquire_semaphore(name, permits, ttl_s, timeout_s, lease)),
+            wait_s=_wait(timeout_s),
+        ).token
+
+    def release_semaphore(self, name: str, token: int) -> None:
+        def local(c: CoordShard) -> api.Empty:
+            c.release_semaphore(name, token)
+            return api.Empty()
+
+        body = api.ReleaseBody(name=name, token=token)
+        self._coordinate("semaphores.release", body, api.Empty, local)
+
+    def incr(self, key: str, delta: int = 1) -> int:
+        return self._coordinate(
+            "counters.incr",
+            api.CounterBody(key=key, delta=delta),
+            api.CounterReply,
+            lambda c: api.CounterReply(c.incr(key, delta)),
+        ).value
+
+    def counter(self, key: str) -> int:
+        return self._coordinate(
+            "counters.get",
+            api.CounterKey(key=key),
+            api.CounterReply,
+            lambda c: api.CounterReply(c.counter(key)),
+        ).value
+
+    def publish(self, topic: str, payload: Any) -> int:
+        data = _payload_json(payload, self.config)
+        return self._coordinate(
+            "topics.publish",
+            api.PublishBody(topic=topic, payload=payload),
+            api.PublishReply,
+            lambda c: api.PublishReply(c.publish(topic, data)),
+        ).seq
+
+    def topic_reader(self, topic: str, cursor: str | None = None, group: str | None = None) -> Any:
+        validation.key(topic, self.config)
+        if group is not None:
+            raise InvalidArgument("consumer groups are not supported yet: subscribe without group=")
+        if cursor is None:  # "from now": pin now, so a reopened stream resumes from here
+            cursor = encode_cursor(f"topic:{topic}", [self._coordination_seq()])
+
+        async def open_stream(at: str | None) -> AsyncIterator[Any]:
+            snap = self.map.current
+            owner = snap.owner(*COORDINATION)
+            if owner is None or owner not in snap.nodes:
+                raise ShardUnavailable(f"the coordination shard's node {owner} is not up")
+            if owner == self.node_id:
+                reader = TopicReader(
+                    self.dp.host.coordination(), topic, at, self.config.feed_batch_events
+                )
+                async for message in follow_local(reader):
+                    yield message
+            else:
+                body = api.TopicBody(topic=topic, cursor=at)
+                url = snap.nodes[owner].peer_url
+                async for message in self.peers.stream(url, "topics.subscribe", body, Message):
+                    yield message
+
+        return StreamReader(self.loop, open_stream, cursor, lambda m: m.cursor)
+
+    def _coordination_seq(self) -> int:
+        """The coordination shard's applied seq (where "now" is for a new topic reader)."""
+        snap = self.map.current
+        owner = snap.owner(*COORDINATION)
+        if owner == self.node_id:
+            return self.dp.host.coordination().applied_seq
+        replies, _ = self.scatter(
+            COORDINATION[0],
+            [0],
+            "shard.stats",
+            lambda group: wire.ShardScope(collection=COORDINATION[0], shards=group),
+            wire.ShardStats,
+        )
+        return replies[0].stats[0]["last_seq"]
+
+
+def _wait(timeout_s: object) -> float:
+    return float(timeout_s) if isinstance(timeout_s, int | float) else 0.0
+
+
+def _payload_json(payload: Any, config: Config) -> bytes:
+    try:
+        data = msgspec.json.encode(payload)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise InvalidArgument(f"payload is not JSON: {exc}") from None
+    if len(data) > config.metadata_bytes_max:
+        raise PayloadTooLarge(
+            f"payload is {len(data)} bytes of JSON; the limit is {config.metadata_bytes_max}"
+        )
+    return data
+
+
+class ClusterCollection:
+    """One collection of the cluster, as the server's handlers use it."""
+
+    def __init__(self, store: ClusterStore, config: CollectionConfig) -> None:
+        self._store = store
+        self.config = config
+        self.name = config.name
+        self._sharder = store.sharder(config)
+
+    def _all(self) -> list[int]:
+        return list(range(self.config.shards))
+
+    def _scope(
+        self, namespace: Sequence[str] | None, filter: Mapping[str, Any] | None
+    ) -> tuple[tuple[str, ...], dict[str, Any] | None]:
+        prefix = validation.namespace(namespace, self._store.config, allow_empty=True)
+        if filter is not None and not isinstance(filter, Mapping):
+            raise InvalidArgument(f"filter must be a JSON object, got {type(filter).__name__}")
+        return prefix, None if filter is None else dict(filter)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def put_many(
+        self,
+        memories: Sequence[Memory],
+        idempotency_key: str | None = None,
+        fence: tuple[str, int] | None = None,
+    ) -> list[int]:
+        cfg = self._store.config
+        if fence is not None:
+            raise InvalidState(_NOT_IN_CLUSTER.format(what="fenced writes (fence=)"))
+        if len(memories) > cfg.batch_items_max:
+            raise PayloadTooLarge(
+                f"batch has {len(memories)} memories; the limit is {cfg.batch_items_max}: split it"
+            )
+        if not memories:
+            return []
+        if idempotency_key is not None:
+            validation.key(idempotency_key, cfg)
+        prepared = prepare_puts(memories, self.config, cfg, _no_lease)
+        sharder = self._sharder
+        if sharder.keyed:
+            placed = [sharder.key_shard(p.namespace, p.key) or 0 for p in prepared]
+        else:
+            placed = sharder.place(
+                [p.namespace for p in prepared],
+                [p.key for p in prepared],
+                np.stack([p.vector for p in prepared]),
+                [m.metadata for m in memories],
+            )
+        batches: dict[int, list[Memory]] = {}
+        positions: dict[int, list[int]] = {}
+        for i, (memory, shard) in enumerate(zip(memories, placed, strict=True)):
+            batches.setdefault(shard, []).append(memory)
+            positions.setdefault(shard, []).append(i)
+        replies, _ = self._store.scatter(
+            self.name,
+            list(batches),
+            "shard.put",
+            lambda group: wire.ShardPut(
+                collection=self.name,
+                batches={n: batches[n] for n in group},
+                idempotency_key=idempotency_key,
+            ),
+            wire.ShardPutReply,
+        )
+        versions = [0] * len(memories)
+        for reply in replies:
+            for shard, got in reply.versions.items():
+                for i, version in zip(positions[shard], got, strict=True):
+                    versions[i] = version
+        if not sharder.keyed and self.config.shards > 1:
+            self._delete_elsewhere(prepared, placed)
+        return versions
+
+    def _delete_elsewhere(self, prepared: Sequence[Any], placed: Sequence[int]) -> None:
+        """A range/vector memory lives in the shard its field or vector says: delete any older
+        copy of each key from the other shards (one request per node)."""
+        keys = [(p.namespace, p.key) for p in prepared]
+        elsewhere = {
+            shard: [k for k, home in zip(keys, placed, strict=True) if home != shard]
+            for shard in self._all()
+        }
+        self._store.scatter(
+            self.name,
+            [s for s, ks in elsewhere.items() if ks],
+            "shard.delete",
+            lambda group: wire.ShardDelete(
+                collection=self.name, deletes={n: elsewhere[n] for n in group}
+            ),
+            wire.ShardCount,
+        )
+
+    def delete(
+        self, namespace: tuple[str, ...], key: str, fence: tuple[str, int] | None = None
+    ) -> bool:
+        if fence is not None:
+            raise InvalidState(_NOT_IN_CLUSTER.format(what="fenced writes (fence=)"))
+        ns, k = self._key(namespace, key)
+        replies, _ = self._store.scatter(
+            self.name,
+            self._key_shards(ns, k),
+            "shard.delete",
+            lambda group: wire.ShardDelete(
+                collection=self.name, deletes={n: [(ns, k)] for n in group}
+            ),
+            wire.ShardCount,
+        )
+        return sum(r.count for r in replies) > 0
+
+    def delete_where(
+        self, namespace: tuple[str, ...] | None = None, filter: Mapping[str, Any] | None = None
+    ) -> int:
+        prefix, flt = self._scope(namespace, filter)
+        return self._sum("shard.delete_where", prefix, flt)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _key(self, namespace: Sequence[str], key: str) -> tuple[tuple[str, ...], str]:
+        cfg = self._store.config
+        return validation.namespace(namespace, cfg), validation.key(key, cfg)
+
+    def _key_shards(self, ns: tuple[str, ...], key: str) -> list[int]:
+        shard = self._sharder.key_shard(ns, key)
+        return self._all() if shard is None else [shard]
+
+    def get(self, namespace: tuple[str, ...], key: str) -> Memory | None:
+        ns, k = self._key(namespace, key)
+        replies, _ = self._store.scatter(
+            self.name,
+            self._key_shards(ns, k),
+            "shard.get",
+            lambda group: wire.ShardGet(collection=self.name, shards=group, namespace=ns, key=k),
+            wire.ShardGetReply,
+        )
+        found = [r.memory for r in replies if r.memory is not None]
+        return max(found, key=lambda m: m.updated_at) if found else None
+
+    def _sum(self, kind: str, prefix: tuple[str, ...], flt: dict[str, Any] | None) -> int:
+        replies, _ = self._store.scatter(
+            self.name,
+            self._sharder.search_shards(prefix, flt),
+            kind,
+            lambda group: wire.ShardScope(
+                collection=self.name, shards=group, namespace=prefix, filter=flt
+            ),
+            wire.ShardCount,
+        )
+        return sum(r.count for r in replies)
+
+    def count(
+        self, namespace: tuple[str, ...] | None = None, filter: Mapping[str, Any] | None = None
+    ) -> int:
+        prefix, flt = self._scope(namespace, filter)
+        return self._sum("shard.count", prefix, flt)
+
+    def search(
+        self,
+        vector: Any,
+        k: int = 10,
+        namespace: tuple[str, ...] | None = None,
+        filter: Mapping[str, Any] | None = None,
+        include_vectors: bool = False,
+        consistency: Consistency | str = Consistency.STRONG,
+        nprobe: int | None = None,
+        allow_partial: bool = False,
+    ) -> SearchResult:
+        cfg = self._store.config
+        validation.int_in_range("k", k, 1, cfg.search_k_max)
+        validation.enum_value("consistency", consistency, Consistency)
+        if nprobe is not None:
+            validation.int_in_range("nprobe", nprobe, 0, cfg.shards_max)
+        prefix, flt = self._scope(namespace, filter)
+        query = validation.query_vector(vector, self.config.dim, self.config.metric)
+        shards = self._sharder.search_shards(prefix, flt, query, nprobe)
+        replies, missing = self._store.scatter(
+            self.name,
+            shards,
+            "shard.search",
+            lambda group: wire.ShardSearch(
+                collection=self.name,
+                shards=group,
+                vector=query,
+                k=k,
+                namespace=prefix,
+                filter=flt,
+                include_vectors=include_vectors,
+            ),
+            wire.ShardHits,
+            allow_partial=bool(allow_partial),
+        )
+        hits: list[Hit] = [h for r in replies for h in r.hits]
+        hits.sort(key=lambda h: (-h.score, h.memory.namespace, h.memory.key))
+        if not self._sharder.keyed:
+            # While a range split or a centroid placement moves memories, one may be in two
+            # shards for a moment: keep its best hit.
+            seen: set[tuple[tuple[str, ...], str]] = set()
+            unique = []
+            for hit in hits:
+                if (hit.memory.namespace, hit.memory.key) not in seen:
+                    seen.add((hit.memory.namespace, hit.memory.key))
+                    unique.append(hit)
+            hits = unique
+        return SearchResult(hits[:k], missing)
+
+    def list(
+        self,
+        namespace: tuple[str, ...] | None = None,
+        filter: Mapping[str, Any] | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        validation.int_in_range("limit", limit, 1, self._store.config.list_limit_max)
+        prefix, flt = self._scope(namespace, filter)
+        after = None if cursor is None else _decode_cursor(cursor)
+        replies, _ = self._store.scatter(
+            self.name,
+            self._sharder.search_shards(prefix, flt),
+            "shard.list",
+            lambda group: wire.ShardList(
+                collection=self.name,
+                shards=group,
+                namespace=prefix,
+                filter=flt,
+                after=after,
+                limit=limit + 1,
+            ),
+            wire.ShardItems,
+        )
+        items = sorted((m for r in replies for m in r.items), key=lambda m: (m.namespace, m.key))
+        more = len(items) > limit
+        items = items[:limit]
+        next_cursor = _encode_cursor((items[-1].namespace, items[-1].key)) if more else None
+        return Page(items=items, next_cursor=next_cursor)
+
+    def describe(self) -> CollectionInfo:
+        """Config and size; shards whose node is down count as empty (see the shard map)."""
+        replies, _ = self._store.scatter(
+            self.name,
+            self._all(),
+            "shard.stats",
+            lambda group: wire.ShardScope(collection=self.name, shards=group),
+            wire.ShardStats,
+            allow_partial=True,  # describe what is up; the shard map says what is down
+        )
+        stats: dict[int, dict[str, int]] = {}
+        for r in replies:
+            stats.update(r.stats)
+        nothing = {"items": 0, "bytes": 0, "indexed_items": 0, "last_seq": 0}
+        per = [stats.get(n, nothing) for n in self._all()]
+        return CollectionInfo(
+            config=self.config,
+            stats=CollectionStats(
+                items=sum(s["items"] for s in per),
+                bytes=sum(s["bytes"] for s in per),
+                indexed_items=sum(s["indexed_items"] for s in per),
+                last_seq=[s["last_seq"] for s in per],
+            ),
+        )
+
+    # -- change feed ---------------------------------------------------------------------------
+
+    def feed_cursor(self) -> str:
+        """The change feed's current end (every shard's applied seq)."""
+        replies, _ = self._store.scatter(
+            self.name,
+            self._all(),
+            "shard.stats",
+            lambda group: wire.ShardScope(collection=self.name, shards=group),
+            wire.ShardStats,
+        )
+        seqs = {n: st["last_seq"] for r in replies for n, st in r.stats.items()}
+        return encode_cursor(self.name, [seqs[n] for n in self._all()])
+
+    def feed_reader(
+        self,
+        namespace: tuple[str, ...] | None = None,
+        filter: Mapping[str, Any] | None = None,
+        cursor: str | None = None,
+        include_vectors: bool = False,
+    ) -> MergedFeed:
+        """The change feed, read from every shard's node and merged (see
+        :mod:`memcluster.query.feeds`); resumable from any event's cursor across moves."""
+        prefix, flt = self._scope(namespace, filter)
+        cursor = cursor if cursor is not None else self.feed_cursor()
+        positions = decode_cursor(cursor, self.name, self.config.shards)
+        store = self._store
+        merged = MergedFeed(self.name, positions)
+        for n in self._all():
+
+            async def open_stream(at: str | None, n: int = n) -> AsyncIterator[Event]:
+                body = wire.ShardSubscribe(
+                    collection=self.name,
+                    shard=n,
+                    cursor=at or cursor,
+                    namespace=prefix,
+                    filter=flt,
+                    include_vectors=include_vectors,
+                )
+                snap = store.map.current
+                owner = snap.owner(self.name, n)
+                if owner is None or owner not in snap.nodes:
+                    raise ShardUnavailable(f"shard {self.name}/{n:04d}: its node {owner} is not up")
+                if owner == store.node_id:
+                    stream = store.dp.subscribe(body)
+                else:
+                    url = snap.nodes[owner].peer_url
+                    stream = store.peers.stream(url, "shard.subscribe", body, Event)
+                async for event in stream:
+                    yield event
+
+            merged.add(StreamReader(store.loop, open_stream, cursor, lambda e: e.cursor))
+        return merged
+
+
+__all__ = ["ClusterCollection", "ClusterStore", "MemclusterError"]

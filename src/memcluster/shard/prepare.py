@@ -1,0 +1,51 @@
+"""Validate a batch of memories into the :class:`PreparedPut` items a shard writes.
+
+Both the embedded engine and a cluster node call :func:`prepare_puts`, so a memory is checked
+the same way wherever it is written: one vector matrix check for the whole batch, then each
+name, text, metadata and option, with errors that say which memory is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from memcluster.core import validation
+from memcluster.core.config import Config
+from memcluster.core.errors import InvalidArgument
+from memcluster.core.types import CollectionConfig, Memory
+from memcluster.shard.shard import PreparedPut
+
+
+def prepare_puts(
+    memories: Sequence[Memory],
+    coll: CollectionConfig,
+    config: Config,
+    lease_of: Callable[[object], int],
+) -> list[PreparedPut]:
+    """The validated items of ``memories``; ``lease_of`` turns a memory's ``lease`` option
+    into the lease id to record (0: none), checking that it is alive."""
+    matrix = validation.vectors([m.vector for m in memories], coll.dim, coll.metric)
+    prepared: list[PreparedPut] = []
+    seen: dict[tuple[tuple[str, ...], str], int] = {}
+    for i, m in enumerate(memories):
+        namespace = validation.namespace(m.namespace, config)
+        key = validation.key(m.key, config)
+        if (namespace, key) in seen:
+            raise InvalidArgument(
+                f"memories {seen[(namespace, key)]} and {i} have the same namespace and key"
+                f" {namespace}/{key!r}; a batch writes each memory once"
+            )
+        seen[(namespace, key)] = i
+        prepared.append(
+            PreparedPut(
+                namespace=namespace,
+                key=key,
+                text=validation.text(m.text, config),
+                vector=matrix[i],
+                metadata=validation.metadata(m.metadata, config),
+                ttl_s=validation.ttl(m.ttl_s),
+                if_version=validation.if_version(m.if_version),
+                lease=lease_of(m.lease),
+            )
+        )
+    return prepared
