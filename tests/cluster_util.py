@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +41,8 @@ LEASE_TTL_S = 2.0
 START_TIMEOUT_S = 60.0
 """A node process imports numpy, hnswlib and litestar: slow on a loaded 2-core machine."""
 POLL_S = 0.05
+_EXCEPTION = re.compile(r"^[\s|]*(?:[\w.]+\.)?[A-Z]\w*(?:Error|Exception|Group)\b.*")
+"""A log line naming an exception (the last line of a traceback, or of one in a group)."""
 
 
 def wait_for(predicate: Callable[[], T], timeout_s: float, what: str = "the condition") -> T:
@@ -336,14 +339,17 @@ class Cluster:
         }
 
     def check_no_crash(self) -> None:
-        """Fail, with their logs, if nodes exited on their own (a crash the test may not have
-        noticed)."""
+        """Fail, with the exceptions in their logs, if nodes exited on their own (a crash the
+        test may not have noticed)."""
         crashed = self.crashed()
-        if crashed:
-            tails = "\n".join(
-                f"---- {name}.log ----\n{self.nodes[name].tail(60)}" for name in crashed
-            )
-            pytest.fail(f"nodes exited on their own (name: exit code) {crashed}:\n{tails}")
+        if not crashed:
+            return
+        report = []
+        for name in crashed:
+            lines = self.nodes[name].log.read_text(errors="replace").splitlines()
+            raised = [line.strip(" |") for line in lines if _EXCEPTION.match(line)]
+            report.append(f"---- {name}: exceptions in its log ----\n" + "\n".join(raised[-20:]))
+        pytest.fail(f"nodes exited on their own (name: exit code) {crashed}:\n" + "\n".join(report))
 
     # -- the end -------------------------------------------------------------------------------
 

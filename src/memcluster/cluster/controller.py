@@ -126,7 +126,7 @@ async def reconcile(
                     cluster,
                     peers,
                     m,
-                    collections[m.shard[0]],
+                    collections.get(m.shard[0]),  # None: the coordination shard
                     live,
                     assignments[m.shard],
                     revisions[m.shard],
@@ -247,6 +247,9 @@ class Controller:
                     log.error("controller on %s: %s", self.node_id, exc)
                 else:
                     log.warning("controller on %s: %s; retrying", self.node_id, exc)
+            except Exception:  # a bug: log it, keep the node up, try again next round
+                self.leading = False
+                log.exception("controller on %s: unexpected error; retrying", self.node_id)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.interval_s)
 

@@ -24,6 +24,7 @@ copies it, or is refused with ``WrongNode`` and sent again by the router to the 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fcntl
 import logging
@@ -32,7 +33,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -211,6 +212,16 @@ class ShardHost:
         shard = self._get(shard_id, *states).shard
         assert isinstance(shard, Shard), shard_id
         return shard
+
+    @contextlib.contextmanager
+    def _serving(self) -> Iterator[None]:
+        """A shard dropped (closed) under a read or write in flight: the caller routes again."""
+        try:
+            yield
+        except InvalidState as exc:
+            raise WrongNode(
+                f"the shard left this node during the request ({exc}): route again"
+            ) from None
 
     def reader(self, shard_id: ShardId) -> Shard:
         """A shard held here for reading (ACTIVE or FROZEN), else WrongNode."""
@@ -437,23 +448,28 @@ class ShardHost:
                 else:
                     token, out[number] = shard.write_planned(plan)
                     tokens.append((shard, token))
-        for shard, token in tokens:
-            shard.commit(token)
+        with self._serving():
+            for shard, token in tokens:
+                shard.commit(token)
         return out
 
     def get(self, shard_id: ShardId, namespace: tuple[str, ...], key: str) -> Memory | None:
-        return self.reader(shard_id).get(namespace, key)
+        shard = self.reader(shard_id)
+        with self._serving():
+            return shard.get(namespace, key)
 
     def delete(self, shard_id: ShardId, keys: Sequence[tuple[tuple[str, ...], str]]) -> int:
         """Delete these memories from one shard; returns how many existed."""
         shard = self._data(shard_id, State.ACTIVE)
-        return sum(shard.delete(ns, key) for ns, key in keys)
+        with self._serving():
+            return sum(shard.delete(ns, key) for ns, key in keys)
 
     def _each(self, shards: Sequence[ShardId], call: Callable[[Shard], R]) -> list[R]:
         readers = [self.reader(s) for s in shards]
-        if len(readers) == 1:
-            return [call(readers[0])]
-        return list(self._pool.map(call, readers))
+        with self._serving():
+            if len(readers) == 1:
+                return [call(readers[0])]
+            return list(self._pool.map(call, readers))
 
     def search(
         self,

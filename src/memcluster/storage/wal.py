@@ -219,6 +219,7 @@ class Wal(Protocol):
 
     def sync(self, token: int) -> None:
         """Block until every record up to ``token`` (a value ``append`` returned) is durable.
+        Returns at once for a token already durable, even after ``close()``.
 
         Group commit: concurrent callers share one fsync; a caller whose token is already
         covered returns at once without a syscall. Raises ``StorageError`` when the fsync
@@ -640,8 +641,10 @@ class FileWal:
             return self._written
 
     def sync(self, token: int) -> None:
-        if token <= self._synced and self._failure is None and not self._closed:
-            return  # covered: no lock, no syscall
+        if token <= self._synced and self._failure is None:
+            # Covered: no lock, no syscall. Also after close(), which synced everything: a
+            # writer whose commit races a close (a shard handed over) learns it is durable.
+            return
         with self._cond:
             while True:
                 self._check_usable()
@@ -886,6 +889,8 @@ class MemoryWal:
 
     def sync(self, token: int) -> None:
         with self._lock:
+            if token <= self._synced and not self._failed:
+                return  # durable already (also after close, as FileWal)
             self._check_usable()
             assert token <= self._written, f"wal: sync of token {token} never returned by append"
             self._synced = max(self._synced, token)
