@@ -18,7 +18,7 @@ from memcluster.cluster.host import ShardHost, State
 from memcluster.cluster.keys import COORDINATION
 from memcluster.core.clock import ManualClock
 from memcluster.core.config import Config
-from memcluster.core.errors import WrongNode
+from memcluster.core.errors import StaleToken, WrongNode
 from memcluster.core.types import CollectionConfig, Memory
 from memcluster.index.filters import compile_filter
 
@@ -197,3 +197,31 @@ def test_the_coordination_shard_moves_with_its_locks_and_counters(tmp_path: Path
     finally:
         source.close()
         target.close()
+
+
+def test_a_shard_refuses_writes_under_a_lower_fencing_token(tmp_path: Path) -> None:
+    """In a cluster the lock lives on another node: each shard records the highest token
+    that wrote under a lock (a FenceOp in its WAL) and refuses lower ones, across restarts."""
+    host = _host(tmp_path)
+    host.open(COLL, 0)
+    host.put("m", {0: _memories(0, 1)}, None, ("L", 5))
+    host.put("m", {0: _memories(1, 1)}, None, ("L", 5))  # the same holder again
+    host.put("m", {0: _memories(2, 1)}, None, ("other", 1))  # another lock: independent
+    with pytest.raises(StaleToken, match="token 3 is stale: token 5"):
+        host.put("m", {0: _memories(3, 1)}, None, ("L", 3))
+    host.put("m", {0: _memories(4, 1)}, None, ("L", 9))
+    with pytest.raises(StaleToken):
+        host.delete(("m", 0), [(("a",), "k0")], ("L", 5))
+    assert host.get(("m", 0), ("a",), "k0") is not None  # the refused delete did nothing
+    assert host.get(("m", 0), ("a",), "k3") is None  # nor the refused put
+    host.reader(("m", 0)).snapshot()
+    host.put("m", {0: _memories(5, 1)}, None, ("L", 11))  # after the snapshot: in the WAL
+    host.close()
+    again = _host(tmp_path)
+    try:
+        again.reopen(("m", 0))
+        with pytest.raises(StaleToken):
+            again.put("m", {0: _memories(6, 1)}, None, ("L", 10))
+        again.put("m", {0: _memories(6, 1)}, None, ("L", 11))
+    finally:
+        again.close()

@@ -218,6 +218,7 @@ class DataPlane:
             "shard.rehome_finish": (wire.Rehome, self._blocking(self._rehome_finish)),
             "shard.import": (wire.Import, self._blocking(self._import)),
             "shard.sample": (wire.Sample, self._blocking(self._sample)),
+            "coord.check_fence": (wire.FenceCheck, self._blocking(self._check_fence)),
         }
         self.streams: dict[str, tuple[type[msgspec.Struct], StreamHandler]] = {
             "shard.subscribe": (wire.ShardSubscribe, self.subscribe),
@@ -244,7 +245,9 @@ class DataPlane:
         config = self._config_of(b.collection)
         if config.sharding is not Sharding.HASH:
             self._check_placement(config, b.batches)
-        return wire.ShardPutReply(self.host.put(b.collection, b.batches, b.idempotency_key))
+        return wire.ShardPutReply(
+            self.host.put(b.collection, b.batches, b.idempotency_key, b.fence)
+        )
 
     def _sharder(self, config: CollectionConfig) -> Sharder:
         cached = self._sharders.get(config.name)
@@ -280,7 +283,7 @@ class DataPlane:
 
     def _delete(self, b: wire.ShardDelete) -> wire.ShardCount:
         return wire.ShardCount(
-            sum(self.host.delete((b.collection, n), keys) for n, keys in b.deletes.items())
+            sum(self.host.delete((b.collection, n), keys, b.fence) for n, keys in b.deletes.items())
         )
 
     def _search(self, b: wire.ShardSearch) -> wire.ShardHits:
@@ -408,6 +411,10 @@ class DataPlane:
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     values.append(float(value))
         return wire.SampleReply(vectors, values, len(puts))
+
+    def _check_fence(self, b: wire.FenceCheck) -> wire.Done:
+        self.host.coordination().check_fence(b.lock, b.token)
+        return wire.Done()
 
     def _transfer_end(self, b: wire.TransferRef) -> wire.Done:
         self.host.transfer_end(b.transfer)

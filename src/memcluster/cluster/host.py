@@ -422,6 +422,7 @@ class ShardHost:
         collection: str,
         batches: Mapping[int, Sequence[Memory]],
         idempotency_key: str | None,
+        fence: tuple[str, int] | None = None,
     ) -> dict[int, list[int]]:
         """Write each shard's memories; returns each shard's versions in input order.
 
@@ -441,7 +442,8 @@ class ShardHost:
                 assert isinstance(shard, Shard)
                 stack.enter_context(shard.lock)
                 h._gate()
-                plans.append((h.id[1], shard, shard.plan_put(prepared[h.id[1]], idempotency_key)))
+                plan = shard.plan_put(prepared[h.id[1]], idempotency_key, fence)
+                plans.append((h.id[1], shard, plan))
             for number, shard, plan in plans:
                 if isinstance(plan, list):
                     out[number] = plan
@@ -458,11 +460,16 @@ class ShardHost:
         with self._serving():
             return shard.get(namespace, key)
 
-    def delete(self, shard_id: ShardId, keys: Sequence[tuple[tuple[str, ...], str]]) -> int:
+    def delete(
+        self,
+        shard_id: ShardId,
+        keys: Sequence[tuple[tuple[str, ...], str]],
+        fence: tuple[str, int] | None = None,
+    ) -> int:
         """Delete these memories from one shard; returns how many existed."""
         shard = self._data(shard_id, State.ACTIVE)
         with self._serving():
-            return sum(shard.delete(ns, key) for ns, key in keys)
+            return sum(shard.delete(ns, key, fence) for ns, key in keys)
 
     def _each(self, shards: Sequence[ShardId], call: Callable[[Shard], R]) -> list[R]:
         readers = [self.reader(s) for s in shards]

@@ -22,6 +22,8 @@ class ShardPut(msgspec.Struct, kw_only=True):
     collection: str
     batches: dict[int, list[Memory]]
     idempotency_key: str | None = None
+    fence: tuple[str, int] | None = None
+    """(lock, token): refused (StaleToken) by a shard where a higher token of the lock wrote."""
 
 
 class ShardPutReply(msgspec.Struct):
@@ -43,6 +45,14 @@ class ShardDelete(msgspec.Struct, kw_only=True):
     collection: str
     deletes: dict[int, list[Key]]
     """Per shard, the memories to delete there."""
+    fence: tuple[str, int] | None = None
+
+
+class FenceCheck(msgspec.Struct, kw_only=True):
+    """Does ``token`` hold lock ``lock`` now? (asked of the coordination shard's node)"""
+
+    lock: str
+    token: int
 
 
 class ShardScope(msgspec.Struct, kw_only=True):

@@ -9,6 +9,7 @@ fields at the end with defaults, never reorder):
     PutOp    = ["p", namespace, key, text, vector, metadata, created_at, updated_at, expires_at]
     LeasedPutOp = ["pl", ...the fields of PutOp..., lease]   a put attached to a lease
     DeleteOp = ["d", namespace, key, reason]
+    FenceOp  = ["f", lock, token]        writes under lock ``lock`` now need a token >= ``token``
 
 The coordination shard (leases, locks, semaphores, counters) writes its own operations into
 records of the same format; its state machine is :mod:`memcluster.shard.coord`::
@@ -71,6 +72,15 @@ class DeleteOp(msgspec.Struct, frozen=True, array_like=True, tag="d"):
     namespace: tuple[str, ...]
     key: str
     reason: DeleteReason = DeleteReason.USER
+
+
+class FenceOp(msgspec.Struct, frozen=True, array_like=True, tag="f"):
+    """A write under lock ``lock`` with fencing token ``token`` (in a cluster, where the lock
+    lives on another node): from here on the shard refuses writes under a lower token of that
+    lock, so a holder whose lock was taken over cannot write after the new holder did."""
+
+    lock: str
+    token: int
 
 
 class LeaseGrantOp(msgspec.Struct, frozen=True, array_like=True, tag="lg"):
@@ -147,7 +157,7 @@ CoordOp = (
     | CounterOp
     | PublishOp
 )
-Op = PutOp | LeasedPutOp | DeleteOp | CoordOp
+Op = PutOp | LeasedPutOp | DeleteOp | FenceOp | CoordOp
 
 
 class Record(msgspec.Struct, frozen=True, array_like=True):

@@ -50,7 +50,6 @@ from memcluster.core.errors import (
     CollectionExists,
     CollectionNotFound,
     InvalidArgument,
-    InvalidState,
     MemclusterError,
     PayloadTooLarge,
     ShardUnavailable,
@@ -78,10 +77,6 @@ T = TypeVar("T")
 
 ROUTE_DEADLINE_S = 15.0
 """How long a request keeps re-routing around moves and restarts before it fails."""
-
-_NOT_IN_CLUSTER = (
-    "{what} are not served by a cluster yet: run them against a single server (memcluster serve)"
-)
 
 
 def _no_lease(lease: object) -> int:
@@ -314,7 +309,8 @@ class ClusterStore:
         as the same public operation to its node. Sent again after WrongNode (refused before
         any effect); after a lost connection only if the operation may be retried."""
         deadline = time.monotonic() + self.route_deadline_s
-        retry_lost = OPERATIONS[kind].retry
+        op = OPERATIONS.get(kind)
+        retry_lost = op is None or op.retry  # node-to-node checks have no effect to repeat
         while True:
             snap = self.map.current
             owner = snap.owner(*COORDINATION)
@@ -347,6 +343,33 @@ class ClusterStore:
                     f" {problem}"
                 )
             self._wait_change(snap, 0.2)
+
+    def check_fence(self, fence: object) -> tuple[str, int]:
+        """``fence`` as (lock, token), checked to hold its lock now; StaleToken if not.
+
+        The shards then refuse the write if a higher token of that lock wrote there first, so
+        a holder that lost its lock between this check and its write cannot overwrite what
+        the new holder wrote (the storage-side fencing check of a fencing token)."""
+        if (
+            not isinstance(fence, tuple | list)
+            or len(fence) != 2
+            or not isinstance(fence[0], str)
+            or isinstance(fence[1], bool)
+            or not isinstance(fence[1], int)
+        ):
+            raise InvalidArgument(
+                f"fence is {fence!r}; pass (lock name, token) as acquire_lock returned it"
+            )
+        name, token = fence[0], int(fence[1])
+
+        def local(c: CoordShard) -> wire.Done:
+            c.check_fence(name, token)
+            return wire.Done()
+
+        self._coordinate(
+            "coord.check_fence", wire.FenceCheck(lock=name, token=token), wire.Done, local
+        )
+        return name, token
 
     def grant_lease(self, ttl_s: float) -> int:
         return self._coordinate(
@@ -529,8 +552,6 @@ class ClusterCollection:
         fence: tuple[str, int] | None = None,
     ) -> list[int]:
         cfg = self._store.config
-        if fence is not None:
-            raise InvalidState(_NOT_IN_CLUSTER.format(what="fenced writes (fence=)"))
         if len(memories) > cfg.batch_items_max:
             raise PayloadTooLarge(
                 f"batch has {len(memories)} memories; the limit is {cfg.batch_items_max}: split it"
@@ -540,6 +561,7 @@ class ClusterCollection:
         if idempotency_key is not None:
             validation.key(idempotency_key, cfg)
         prepared = prepare_puts(memories, self.config, cfg, _no_lease)
+        checked = None if fence is None else self._store.check_fence(fence)
         sharder = self._sharder
         if sharder.keyed:
             placed = [sharder.key_shard(p.namespace, p.key) or 0 for p in prepared]
@@ -563,6 +585,7 @@ class ClusterCollection:
                 collection=self.name,
                 batches={n: batches[n] for n in group},
                 idempotency_key=idempotency_key,
+                fence=checked,
             ),
             wire.ShardPutReply,
         )
@@ -596,15 +619,14 @@ class ClusterCollection:
     def delete(
         self, namespace: tuple[str, ...], key: str, fence: tuple[str, int] | None = None
     ) -> bool:
-        if fence is not None:
-            raise InvalidState(_NOT_IN_CLUSTER.format(what="fenced writes (fence=)"))
         ns, k = self._key(namespace, key)
+        checked = None if fence is None else self._store.check_fence(fence)
         replies, _ = self._store.scatter(
             self.name,
             self._key_shards(ns, k),
             "shard.delete",
             lambda group: wire.ShardDelete(
-                collection=self.name, deletes={n: [(ns, k)] for n in group}
+                collection=self.name, deletes={n: [(ns, k)] for n in group}, fence=checked
             ),
             wire.ShardCount,
         )

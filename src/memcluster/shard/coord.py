@@ -54,6 +54,7 @@ from memcluster.core.codec import (
     CounterOp,
     DeleteOp,
     DeleteReason,
+    FenceOp,
     LeaseEndOp,
     LeaseGrantOp,
     LeaseRenewOp,
@@ -111,7 +112,7 @@ class CoordState(msgspec.Struct):
                 f" {self.applied_seq}: the log has a gap"
             )
         for i, op in enumerate(record.ops):
-            if isinstance(op, PutOp | DeleteOp):
+            if isinstance(op, PutOp | DeleteOp | FenceOp):
                 raise CorruptionError(
                     f"coordination: record for seq {record.seq + i} holds a memory operation"
                 )
@@ -450,6 +451,12 @@ class CoordShard:
             _, sync2 = self._write(ops)
             sync3 = self._grant_waiters()
         self._sync(max(sync, sync2, sync3))
+
+    def check_fence(self, name: str, token: int) -> None:
+        """StaleToken unless ``token`` holds lock ``name`` now (a cluster checks this before
+        a fenced write on another node; the data shard then refuses lower tokens)."""
+        with self.fenced(name, token):
+            pass
 
     @contextmanager
     def fenced(self, name: str, token: int) -> Iterator[None]:

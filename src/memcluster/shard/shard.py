@@ -47,7 +47,15 @@ import numpy as np
 import numpy.typing as npt
 
 from memcluster.core.clock import Clock
-from memcluster.core.codec import DeleteOp, DeleteReason, LeasedPutOp, Op, PutOp, Record
+from memcluster.core.codec import (
+    DeleteOp,
+    DeleteReason,
+    FenceOp,
+    LeasedPutOp,
+    Op,
+    PutOp,
+    Record,
+)
 from memcluster.core.config import Config
 from memcluster.core.errors import (
     CapacityExceeded,
@@ -55,6 +63,7 @@ from memcluster.core.errors import (
     CursorExpired,
     InvalidState,
     MemclusterError,
+    StaleToken,
     StorageError,
     VersionConflict,
 )
@@ -113,6 +122,8 @@ class ShardState(msgspec.Struct, array_like=True):
     idem: list[tuple[str, list[int]]]
     leases: list[tuple[int, int]] = msgspec.field(default_factory=list)
     """(slot, lease) of every memory attached to a lease."""
+    fences: list[tuple[str, int]] = msgspec.field(default_factory=list)
+    """(lock, highest fencing token written under it): see ``FenceOp``."""
 
 
 def _grow(array: npt.NDArray[Any], capacity: int, fill: Any) -> npt.NDArray[Any]:
@@ -199,6 +210,8 @@ class Shard:
         self._slot_text: list[str | None] = [None] * capacity
         self._slot_meta: list[bytes | None] = [None] * capacity
         self._slot_lease: dict[int, int] = {}
+        self._fences: dict[str, int] = {}
+        """The highest fencing token written under each lock (``FenceOp``)."""
         """slot -> the lease its memory is attached to (only attached slots)."""
         self._ns_ids: dict[tuple[str, ...], int] = {}
         self._ns_list: list[tuple[str, ...]] = []
@@ -276,6 +289,8 @@ class Shard:
                 versions.append(record.seq + i)
             elif isinstance(op, DeleteOp):
                 self._apply_delete(op)
+            elif isinstance(op, FenceOp):
+                self._fences[op.lock] = max(self._fences.get(op.lock, 0), op.token)
             else:
                 raise CorruptionError(
                     f"{self.name}: record for seq {record.seq + i} holds a coordination"
@@ -559,16 +574,23 @@ class Shard:
         self.commit(token)
         return versions
 
-    def plan_put(self, items: Sequence[PreparedPut], idem: str | None) -> list[int] | Record:
+    def plan_put(
+        self,
+        items: Sequence[PreparedPut],
+        idem: str | None,
+        fence: tuple[str, int] | None = None,
+    ) -> list[int] | Record:
         """Check ``items`` and build their record without writing it. Caller holds ``lock``.
 
-        Returns the recorded versions when ``idem`` was seen already. Raises VersionConflict or
-        CapacityExceeded; nothing has changed then. Multi-shard batches plan on every shard
-        before writing to any, so a rejected batch writes nowhere.
+        Returns the recorded versions when ``idem`` was seen already. Raises VersionConflict,
+        CapacityExceeded, or StaleToken when ``fence`` (lock, token) is below a token already
+        written under that lock; nothing has changed then. Multi-shard batches plan on every
+        shard before writing to any, so a rejected batch writes nowhere.
         """
         self._check_writable()
         if idem is not None and idem in self._idem:
             return list(self._idem[idem])
+        fence_ops = self._fence_ops(fence)
         now = self._clock.time()
         puts: list[PutOp] = []
         for item in items:
@@ -599,10 +621,24 @@ class Shard:
             )
             puts.append(LeasedPutOp(*fields, item.lease) if item.lease else PutOp(*fields))
         self._check_paths(items)
-        ops: list[Op] = []
+        ops: list[Op] = list(fence_ops)
         ops.extend(self._victims(puts, now))
         ops.extend(puts)
         return Record(seq=self.applied_seq + 1, ts=now, ops=ops, idem=idem)
+
+    def _fence_ops(self, fence: tuple[str, int] | None) -> list[Op]:
+        """The FenceOp a write under ``fence`` records (none if its token is recorded
+        already); StaleToken if a higher token of that lock wrote here. Caller holds ``lock``."""
+        if fence is None:
+            return []
+        name, token = fence
+        highest = self._fences.get(name, 0)
+        if token < highest:
+            raise StaleToken(
+                f"{self.name}: lock {name!r} token {token} is stale: token {highest} of that"
+                " lock has written here since; acquire the lock again"
+            )
+        return [] if token == highest else [FenceOp(name, token)]
 
     def _check_paths(self, items: Sequence[PreparedPut]) -> None:
         """CapacityExceeded if the items would take the shard past ``metadata_paths_max``."""
@@ -671,18 +707,22 @@ class Shard:
         seq = (self.applied_seq if after is None else after.last_seq) + 1
         return Record(seq, now, ops), live
 
-    def delete(self, namespace: tuple[str, ...], key: str) -> bool:
-        """Delete one memory; True if a live (unexpired) memory was deleted."""
+    def delete(
+        self, namespace: tuple[str, ...], key: str, fence: tuple[str, int] | None = None
+    ) -> bool:
+        """Delete one memory; True if a live (unexpired) memory was deleted. ``fence``: as
+        in :meth:`plan_put`."""
         with self.lock:
             self._check_writable()
+            ops = self._fence_ops(fence)
             now = self._clock.time()
             slot = self._keys.get((namespace, key))
             if slot is None:
                 return False
             existed = bool(self._expires[slot] > now)
             reason = DeleteReason.USER if existed else DeleteReason.EXPIRED
-            op = DeleteOp(namespace, key, reason)
-            token = self._write(Record(self.applied_seq + 1, now, [op]))
+            ops.append(DeleteOp(namespace, key, reason))
+            token = self._write(Record(self.applied_seq + 1, now, ops))
         self.commit(token)
         return existed
 
@@ -1147,6 +1187,7 @@ class Shard:
             sealed=(self._alive[:n] & self._in_graph[:n] & ~self._in_buffer[:n]).tobytes(),
             idem=list(self._idem.items()),
             leases=sorted(self._slot_lease.items()),
+            fences=sorted(self._fences.items()),
         )
 
     def _load_state(self, state: ShardState) -> None:
@@ -1197,6 +1238,7 @@ class Shard:
         self._pending_deletes = set(np.flatnonzero(~alive).tolist())
         self._idem = OrderedDict((k, list(v)) for k, v in state.idem)
         self._slot_lease = dict(state.leases)
+        self._fences = dict(state.fences)
         self.applied_seq = state.seq
 
     @classmethod
