@@ -1,7 +1,8 @@
-"""Fencing tokens in a real cluster: the lock lives on the coordination shard's node, the
+"""Fencing tokens and leases in a real cluster: the lock lives on the coordination shard's node, the
 memories on other nodes. A write under a stale token is refused (StaleToken) whether the lock
 was released, expired or taken by another holder, and a holder that lost its lock cannot
-overwrite what the new holder wrote."""
+overwrite what the new holder wrote. Memories put on a lease through one node are deleted
+when the lease is revoked through another."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from cluster_util import Cluster, cluster_fixture
+from cluster_util import Cluster, cluster_fixture, wait_for
 from memcluster import Memory
-from memcluster.core.errors import StaleToken
+from memcluster.core.errors import LeaseExpired, StaleToken
 from test_coordinator import EtcdProcess
 
 
@@ -56,3 +57,23 @@ def test_fenced_writes_across_nodes(cluster: Cluster, kind: str) -> None:
         coll_b.put(("a",), "z", vector=np.ones(4), fence=("never-acquired", 1))
     assert coll_b.get(("a",), "z") is None
     b.release_lock(f"L-{kind}", second)
+
+
+def test_memories_on_a_lease_go_when_it_ends(cluster: Cluster) -> None:
+    a, b, c = cluster.client("n1"), cluster.client("n2", "binary"), cluster.client("n3")
+    coll = a.create_collection("leased", dim=4, shards=6)
+    lease = b.grant_lease(30)
+    b.collection("leased").put_many(
+        [
+            Memory(namespace=("agent",), key=f"w{i}", vector=np.ones(4), lease=lease)
+            for i in range(20)
+        ]
+        + [Memory(namespace=("agent",), key="kept", vector=np.ones(4))]
+    )
+    assert coll.count() == 21
+    c.revoke(lease)
+    wait_for(lambda: coll.count() == 1, 10, "the lease's memories to go")
+    assert coll.get(("agent",), "kept") is not None
+    with pytest.raises(LeaseExpired):
+        coll.put(("agent",), "late", vector=np.ones(4), lease=lease)
+    assert coll.get(("agent",), "late") is None

@@ -219,6 +219,7 @@ class DataPlane:
             "shard.import": (wire.Import, self._blocking(self._import)),
             "shard.sample": (wire.Sample, self._blocking(self._sample)),
             "coord.check_fence": (wire.FenceCheck, self._blocking(self._check_fence)),
+            "coord.leases_alive": (wire.Leases, self._blocking(self._leases_alive)),
         }
         self.streams: dict[str, tuple[type[msgspec.Struct], StreamHandler]] = {
             "shard.subscribe": (wire.ShardSubscribe, self.subscribe),
@@ -412,6 +413,31 @@ class DataPlane:
                     values.append(float(value))
         return wire.SampleReply(vectors, values, len(puts))
 
+    def _leases_alive(self, b: wire.Leases) -> wire.Leases:
+        coord = self.host.coordination()
+        return wire.Leases([lease for lease in b.leases if coord.lease_alive(lease)])
+
+    async def reap_leases(self) -> None:
+        """Delete the memories of ended leases from the shards held here, asking the
+        coordination shard's node which leases are alive (also after restarts)."""
+        shards = self.host.active_shards()
+        referenced = sorted(set().union(*(s.leases() for s in shards)) if shards else set())
+        if not referenced:
+            return
+        snap = self.map.current
+        owner = snap.owner(*COORDINATION)
+        if owner is None or owner not in snap.nodes:
+            return  # cannot tell: a lease's memories stay until it can
+        body = wire.Leases(referenced)
+        if owner == self.node_id:
+            alive = await self._run(self._leases_alive, body)
+        else:
+            url = snap.nodes[owner].peer_url
+            alive = await self.peers.request(url, "coord.leases_alive", body, wire.Leases)
+        living = set(alive.leases)
+        for shard in shards:
+            await self._run(shard.reap_leases, living)
+
     def _check_fence(self, b: wire.FenceCheck) -> wire.Done:
         self.host.coordination().check_fence(b.lock, b.token)
         return wire.Done()
@@ -545,6 +571,10 @@ class DataPlane:
                 await self._sync(self.map.current)
             except MemclusterError as exc:
                 log.warning("data plane: following the shard map: %s; retrying", exc)
+            try:
+                await self.reap_leases()
+            except MemclusterError as exc:
+                log.info("data plane: lease reaping skipped this round: %s", exc)
 
     async def _sync(self, snap: Snapshot) -> None:
         states = self.host.states()

@@ -115,13 +115,13 @@ class Hosted:
             )
 
 
-def _no_lease(lease: object) -> int:
-    if lease is not None:
-        raise InvalidArgument(
-            "lease= on a memory is not supported in a cluster yet: memories cannot be tied"
-            " to a lease there; use ttl_s"
-        )
-    return 0
+def _checked_lease(lease: object) -> int:
+    """The lease id of a memory, which the router checked alive before sending it here."""
+    if lease is None:
+        return 0
+    if isinstance(lease, bool) or not isinstance(lease, int) or lease < 1:
+        raise InvalidArgument(f"lease is {lease!r}; pass an id that grant_lease returned")
+    return lease
 
 
 class ShardHost:
@@ -192,6 +192,12 @@ class ShardHost:
     def states(self) -> dict[ShardId, State]:
         with self._lock:
             return {sid: h.state for sid, h in self._shards.items()}
+
+    def active_shards(self) -> list[Shard]:
+        """The collection shards serving writes here (for the lease reaper)."""
+        return [
+            h.shard for h in self._all() if h.state is State.ACTIVE and isinstance(h.shard, Shard)
+        ]
 
     def data_bytes(self) -> int:
         """Bytes of memories held (live data, as the shards count them)."""
@@ -432,7 +438,9 @@ class ShardHost:
         prepared = {}
         for h in hosted:
             assert h.config is not None
-            prepared[h.id[1]] = prepare_puts(batches[h.id[1]], h.config, self.config, _no_lease)
+            prepared[h.id[1]] = prepare_puts(
+                batches[h.id[1]], h.config, self.config, _checked_lease
+            )
         out: dict[int, list[int]] = {}
         tokens: list[tuple[Shard, int]] = []
         with ExitStack() as stack:

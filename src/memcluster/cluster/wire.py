@@ -209,5 +209,11 @@ class SampleReply(msgspec.Struct):
     """How many memories the shard holds."""
 
 
+class Leases(msgspec.Struct):
+    """Lease ids: asked about (which are alive?) and answered (these are)."""
+
+    leases: list[int]
+
+
 class Done(msgspec.Struct):
     pass

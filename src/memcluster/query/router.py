@@ -50,6 +50,7 @@ from memcluster.core.errors import (
     CollectionExists,
     CollectionNotFound,
     InvalidArgument,
+    LeaseExpired,
     MemclusterError,
     PayloadTooLarge,
     ShardUnavailable,
@@ -77,14 +78,6 @@ T = TypeVar("T")
 
 ROUTE_DEADLINE_S = 15.0
 """How long a request keeps re-routing around moves and restarts before it fails."""
-
-
-def _no_lease(lease: object) -> int:
-    if lease is not None:
-        raise InvalidArgument(
-            "lease= on a memory is not supported in a cluster yet: use ttl_s instead"
-        )
-    return 0
 
 
 def _encode_cursor(after: tuple[tuple[str, ...], str]) -> str:
@@ -371,6 +364,33 @@ class ClusterStore:
         )
         return name, token
 
+    def lease_checker(self) -> Callable[[object], int]:
+        """``lease_of`` for :func:`prepare_puts`: a memory's lease, checked alive at the
+        coordination shard (once per lease per batch); LeaseExpired if it ended."""
+        checked: set[int] = set()
+
+        def lease_of(lease: object) -> int:
+            if lease is None:
+                return 0
+            if isinstance(lease, bool) or not isinstance(lease, int) or lease < 1:
+                raise InvalidArgument(f"lease is {lease!r}; pass an id that grant_lease returned")
+            if lease not in checked:
+                alive = self._coordinate(
+                    "coord.leases_alive",
+                    wire.Leases([lease]),
+                    wire.Leases,
+                    lambda c: wire.Leases([lease] if c.lease_alive(lease) else []),
+                )
+                if not alive.leases:
+                    raise LeaseExpired(
+                        f"lease {lease} does not exist or has expired: grant a new one with"
+                        " grant_lease(ttl_s)"
+                    )
+                checked.add(lease)
+            return lease
+
+        return lease_of
+
     def grant_lease(self, ttl_s: float) -> int:
         return self._coordinate(
             "leases.grant",
@@ -560,7 +580,7 @@ class ClusterCollection:
             return []
         if idempotency_key is not None:
             validation.key(idempotency_key, cfg)
-        prepared = prepare_puts(memories, self.config, cfg, _no_lease)
+        prepared = prepare_puts(memories, self.config, cfg, self._store.lease_checker())
         checked = None if fence is None else self._store.check_fence(fence)
         sharder = self._sharder
         if sharder.keyed:

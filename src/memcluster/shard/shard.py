@@ -1080,7 +1080,9 @@ class Shard:
         The database calls this from its background step, and so after a crash too: a
         lease that ended while memories still referenced it cannot leave them behind."""
         with self.lock:
-            if self._closed or self._failed is not None:
+            try:
+                self._check_writable()  # closed, failed, or not this node's to write
+            except MemclusterError:
                 return 0
             dead = [slot for slot, lease in self._slot_lease.items() if lease not in alive]
             if not dead:
