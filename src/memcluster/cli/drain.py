@@ -26,8 +26,15 @@ async def _drain(
             click.echo(f"node {node} is no longer draining; the controller may place shards on it")
             return 0
         view = await cluster_view(coord, cluster)
-        if node not in {n.id for n in view.nodes} and view.shards_held(node) == 0:
-            click.echo(f"memcluster drain: node {node!r} is not up and holds no shards", err=True)
+        if node not in {n.id for n in view.nodes}:
+            held = view.shards_held(node)
+            why = (
+                "and holds no shards"
+                if held == 0
+                else f"and its {held} shard(s) have their only copy there: start it again to"
+                " drain it (shards move from a running node)"
+            )
+            click.echo(f"memcluster drain: node {node!r} is not up {why}", err=True)
             return 2
         await coord.put(key, b"draining")
         held = view.shards_held(node)

@@ -89,10 +89,12 @@ async def _run(
             await stop.wait()
             reporter.cancel()
             controller.stop()
-            shard_map.stop()
-            dataplane.close()
+            dataplane.stop()
             await member.leave()
+            shard_map.stop()
+        # The server has drained its requests here (the task group waited for it).
     finally:
+        await loop.run_in_executor(None, dataplane.close)
         await peers.close()
         await coord.close()
         await loop.run_in_executor(None, host.close)

@@ -31,8 +31,8 @@ different WALs: a crash between them can leave both copies, never none; reads th
 the newest (by ``updated_at``; ``count`` counts both) and the next put or delete of the key
 removes the other. Reads over several shards are not one snapshot: a search racing a move
 may miss the memory or see it twice (duplicates are dropped, newest kept). The change feed
-shows a move as a put in the new shard and a user delete in the old one (``event.shard``
-tells them apart), in no fixed order between the two shards.
+shows a move as a put in the new shard only: the old copy's delete is recorded with reason
+``MOVED``, which the feed skips.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ from memcluster.index.filters import Filter, compile_filter
 from memcluster.shard.coord import CoordShard
 from memcluster.shard.feed import FeedReader, TopicReader, encode_cursor
 from memcluster.shard.maintenance import Maintained, Maintainer
+from memcluster.shard.prepare import prepare_puts
 from memcluster.shard.shard import Key, PreparedPut, Shard
 from memcluster.shard.sharding import Sharder, check_config, config_fields
 from memcluster.storage.files import fsync_path
@@ -665,33 +666,9 @@ class Collection:
 
     def _prepare(self, memories: Sequence[Memory]) -> tuple[list[PreparedPut], list[int]]:
         """The validated batch and the shard of each memory."""
-        cfg = self._db.config
-        matrix = validation.vectors(
-            [m.vector for m in memories], self.config.dim, self.config.metric
+        prepared, matrix = prepare_puts(
+            memories, self.config, self._db.config, self._db._live_lease
         )
-        prepared: list[PreparedPut] = []
-        seen: dict[tuple[tuple[str, ...], str], int] = {}
-        for i, m in enumerate(memories):
-            namespace = validation.namespace(m.namespace, cfg)
-            key = validation.key(m.key, cfg)
-            if (namespace, key) in seen:
-                raise InvalidArgument(
-                    f"memories {seen[(namespace, key)]} and {i} have the same namespace and key"
-                    f" {namespace}/{key!r}; a batch writes each memory once"
-                )
-            seen[(namespace, key)] = i
-            prepared.append(
-                PreparedPut(
-                    namespace=namespace,
-                    key=key,
-                    text=validation.text(m.text, cfg),
-                    vector=matrix[i],
-                    metadata=validation.metadata(m.metadata, cfg),
-                    ttl_s=validation.ttl(m.ttl_s),
-                    if_version=validation.if_version(m.if_version),
-                    lease=self._db._live_lease(m.lease),
-                )
-            )
         targets = self._sharder.place(
             [p.namespace for p in prepared],
             [p.key for p in prepared],
@@ -887,7 +864,7 @@ class Collection:
         for shard_no, shard_keys in sorted(keys.items()):
             plan = plans.get(shard_no)
             after = plan if isinstance(plan, Record) else None
-            record, _ = self._shards[shard_no].plan_delete(shard_keys, after)
+            record, _ = self._shards[shard_no].plan_delete(shard_keys, after, moved=True)
             if record is not None:
                 out.append((shard_no, record))
         return out

@@ -176,11 +176,14 @@ class _HttpTransport:
                         elif field == "data":
                             data.append(value)
                         continue
-                    if data and kind_of == "error":
-                        error = _error_decoder.decode("\n".join(data))
+                    # An event whose data is empty is not dispatched (the SSE spec): the
+                    # server's keepalive comment comes with an empty "data:" line.
+                    text = "\n".join(data)
+                    if text and kind_of == "error":
+                        error = _error_decoder.decode(text)
                         raise error_from_wire(error.code, error.message, error.details)
-                    if data:
-                        yield decoder.decode("\n".join(data))
+                    if text:
+                        yield decoder.decode(text)
                     kind_of, data = "message", []
         except httpx.TransportError as exc:
             raise Unreachable(

@@ -163,6 +163,7 @@ async def _move(
         move.target,
         move.reason,
     )
+    key = assignment_key(cluster, move.shard)
     try:
         await peers.request(
             target,
@@ -171,14 +172,20 @@ async def _move(
             wire.Done,
             timeout_s=MOVE_TIMEOUT_S,
         )
-        key = assignment_key(cluster, move.shard)
         switched = ShardAssignment(
             epoch=current.epoch + 1,
             replicas=(move.target,),
             leader=move.target,
             in_sync=(move.target,),
         )
-        if await coord.txn([Compare(key, revision)], [Put(key, encode(switched))]):
+        try:
+            done = await coord.txn([Compare(key, revision)], [Put(key, encode(switched))])
+        except MemclusterError:
+            # The txn may have committed before the error: read what etcd has before undoing
+            # (undoing a switch that happened would drop the only copy).
+            kv = await coord.get(key)
+            done = kv is not None and kv.value == encode(switched)
+        if done:
             log.info(
                 "moved %s/%04d to %s in %.2f s",
                 collection,

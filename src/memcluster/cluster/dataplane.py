@@ -50,7 +50,7 @@ from memcluster.core.errors import (
 )
 from memcluster.core.types import CollectionConfig, Sharding
 from memcluster.index.filters import compile_filter
-from memcluster.shard.feed import FeedReader
+from memcluster.shard.feed import FeedReader, ShardFollower
 from memcluster.shard.shard import Shard
 from memcluster.shard.sharding import Sharder
 from memcluster.transport.connection import Connection
@@ -61,6 +61,11 @@ T = TypeVar("T")
 
 TRANSFER_CHUNK_BYTES = 4 << 20
 TAIL_RECORDS = 512
+TAIL_BYTES = 8 << 20
+"""At most this much WAL per catch-up reply (one record may exceed it)."""
+REHOME_TIMEOUT_S = 300.0
+"""A shard frozen for a rehome that long without the layout switching takes writes back
+(by an etcd txn the switch would then lose)."""
 CLOSE_ENOUGH_OPS = 256
 """A move freezes the source once the copy is this close behind."""
 
@@ -105,10 +110,26 @@ class Peers:
         return await conn.request(kind, body, reply, timeout_s=timeout_s)
 
     async def stream(self, url: str, kind: str, body: Any, item: type[T]) -> AsyncIterator[T]:
-        conn = await self.get(url, "streams")
-        async with contextlib.aclosing(conn.stream(kind, body, item)) as items:
-            async for value in items:
-                yield value
+        """The items of stream ``kind`` at the peer, on a connection of its own, opened here
+        and closed when the stream ends or its consumer leaves. On a shared connection the
+        server would run only its ``max_streams`` (64) and refuse the rest, and a consumer
+        falling behind would stall every other stream on it."""
+        parts = urlsplit(url)
+        if parts.hostname is None or parts.port is None:
+            raise Unreachable(f"peer address {url!r} is not mc://HOST:PORT")
+        conn = await Connection.open(
+            parts.hostname,
+            parts.port,
+            api_key=self._api_key,
+            connect_timeout_s=2.0,
+            max_frame_bytes=self._max_frame_bytes,
+        )
+        try:
+            async with contextlib.aclosing(conn.stream(kind, body, item)) as items:
+                async for value in items:
+                    yield value
+        finally:
+            await conn.close()
 
     async def close(self) -> None:
         conns, self._conns = list(self._conns.values()), {}
@@ -179,48 +200,53 @@ class DataPlane:
         self._sync_needed = asyncio.Event()
         self._stop = asyncio.Event()
         h = self.host
-        self.handlers: dict[str, tuple[type[msgspec.Struct], Handler]] = {
-            "shard.put": (wire.ShardPut, self._blocking(self._put)),
-            "shard.get": (wire.ShardGet, self._blocking(self._get)),
-            "shard.delete": (wire.ShardDelete, self._blocking(self._delete)),
-            "shard.search": (wire.ShardSearch, self._blocking(self._search)),
-            "shard.count": (wire.ShardScope, self._blocking(self._count)),
-            "shard.delete_where": (wire.ShardScope, self._blocking(self._delete_where)),
-            "shard.list": (wire.ShardList, self._blocking(self._list)),
+        self.local: dict[str, tuple[type[msgspec.Struct], Callable[[Any], msgspec.Struct]]] = {
+            "shard.put": (wire.ShardPut, self._put),
+            "shard.get": (wire.ShardGet, self._get),
+            "shard.locate": (wire.ShardLocate, self._locate),
+            "shard.delete_versions": (wire.ShardDeleteVersions, self._delete_versions),
+            "shard.delete": (wire.ShardDelete, self._delete),
+            "shard.search": (wire.ShardSearch, self._search),
+            "shard.count": (wire.ShardScope, self._count),
+            "shard.delete_where": (wire.ShardScope, self._delete_where),
+            "shard.list": (wire.ShardList, self._list),
             "shard.stats": (
                 wire.ShardScope,
-                self._blocking(
-                    lambda b: wire.ShardStats(h.stats([(b.collection, n) for n in b.shards]))
-                ),
+                lambda b: wire.ShardStats(h.stats([(b.collection, n) for n in b.shards])),
             ),
             "shard.transfer_begin": (
                 wire.ShardRef,
-                self._blocking(
-                    lambda b: wire.TransferBegin(*h.transfer_begin((b.collection, b.shard)))
-                ),
+                lambda b: wire.TransferBegin(*h.transfer_begin((b.collection, b.shard))),
             ),
             "shard.transfer_read": (
                 wire.TransferRead,
-                self._blocking(
-                    lambda b: wire.Chunk(h.transfer_read(b.transfer, b.name, b.offset, b.size))
-                ),
+                lambda b: wire.Chunk(h.transfer_read(b.transfer, b.name, b.offset, b.size)),
             ),
-            "shard.transfer_end": (wire.TransferRef, self._blocking(self._transfer_end)),
-            "shard.tail": (wire.Tail, self._blocking(self._tail)),
+            "shard.transfer_end": (wire.TransferRef, self._transfer_end),
+            "shard.tail": (wire.Tail, self._tail),
             "shard.freeze": (
                 wire.ShardRef,
-                self._blocking(lambda b: wire.Seq(h.freeze((b.collection, b.shard)))),
+                lambda b: wire.Seq(h.freeze((b.collection, b.shard))),
             ),
-            "shard.unfreeze": (wire.ShardRef, self._unfreeze),
-            "shard.pull": (wire.Pull, self._pull_handler),
-            "shard.abort": (wire.ShardRef, self._abort),
-            "shard.rehome": (wire.Rehome, self._rehome),
-            "shard.rehome_finish": (wire.Rehome, self._blocking(self._rehome_finish)),
-            "shard.import": (wire.Import, self._blocking(self._import)),
-            "shard.sample": (wire.Sample, self._blocking(self._sample)),
-            "coord.check_fence": (wire.FenceCheck, self._blocking(self._check_fence)),
-            "coord.leases_alive": (wire.Leases, self._blocking(self._leases_alive)),
+            "shard.rehome_finish": (wire.Rehome, self._rehome_finish),
+            "shard.import": (wire.Import, self._import),
+            "shard.sample": (wire.Sample, self._sample),
+            "coord.check_fence": (wire.FenceCheck, self._check_fence),
+            "coord.leases_alive": (wire.Leases, self._leases_alive),
         }
+        """The blocking operations: served on the pool, or called in-process by the router
+        (on its request thread) for shards held here."""
+        self.handlers: dict[str, tuple[type[msgspec.Struct], Handler]] = {
+            kind: (body, self._blocking(fn)) for kind, (body, fn) in self.local.items()
+        }
+        self.handlers.update(
+            {
+                "shard.unfreeze": (wire.ShardRef, self._unfreeze),
+                "shard.pull": (wire.Pull, self._pull_handler),
+                "shard.abort": (wire.ShardRef, self._abort),
+                "shard.rehome": (wire.Rehome, self._rehome),
+            }
+        )
         self.streams: dict[str, tuple[type[msgspec.Struct], StreamHandler]] = {
             "shard.subscribe": (wire.ShardSubscribe, self.subscribe),
         }
@@ -232,7 +258,12 @@ class DataPlane:
 
         return run
 
+    def stop(self) -> None:
+        """Stop following the map (on the loop); :meth:`close` afterwards, off the loop."""
+        self._stop.set()
+
     def close(self) -> None:
+        """Wait for the operations running on the pool; blocking: call it off the loop."""
         self._stop.set()
         self._pool.shutdown(wait=True)
 
@@ -282,6 +313,18 @@ class DataPlane:
                 return wire.ShardGetReply(memory)
         return wire.ShardGetReply(None)
 
+    def _locate(self, b: wire.ShardLocate) -> wire.Located:
+        found: dict[int, list[tuple[int, int, float]]] = {}
+        for n in b.shards:
+            where = self.host.locate((b.collection, n), b.keys)
+            found[n] = [(i, v, t) for i, (v, t) in enumerate(where) if v]
+        return wire.Located(found)
+
+    def _delete_versions(self, b: wire.ShardDeleteVersions) -> wire.ShardCount:
+        return wire.ShardCount(
+            sum(self.host.delete_versions((b.collection, n), d) for n, d in b.deletes.items())
+        )
+
     def _delete(self, b: wire.ShardDelete) -> wire.ShardCount:
         return wire.ShardCount(
             sum(self.host.delete((b.collection, n), keys, b.fence) for n, keys in b.deletes.items())
@@ -316,9 +359,10 @@ class DataPlane:
 
     def feed_reader(self, b: wire.ShardSubscribe) -> FeedReader:
         """A reader of one shard held here (WrongNode if it is not), from ``b.cursor``."""
+        shard = self.host.reader((b.collection, b.shard))
         config = self._config_of(b.collection)
-        shards: list[Shard | None] = [None] * config.shards
-        shards[b.shard] = self.host.reader((b.collection, b.shard))
+        shards: list[Shard | None] = [None] * max(config.shards, b.shard + 1)
+        shards[b.shard] = shard
         prefix, flt = self._scope(b.namespace, b.filter)
         return FeedReader(
             b.collection,
@@ -330,10 +374,12 @@ class DataPlane:
             batch=self.config.feed_batch_events,
         )
 
-    async def subscribe(self, b: wire.ShardSubscribe) -> AsyncIterator[Any]:
+    async def subscribe(self, b: wire.ShardSubscribe) -> AsyncIterator[wire.ShardFeedItem]:
+        """Shard ``b.shard``'s feed from ``b.cursor``: its events, and how far it was read
+        past the last of them (see :class:`~memcluster.shard.feed.ShardFollower`)."""
         reader = await self._run(self.feed_reader, b)
-        async for event in follow_local(reader):
-            yield event
+        async for event, position in follow_local(ShardFollower(reader, b.shard)):
+            yield wire.ShardFeedItem(event, position)
 
     # -- resharding ----------------------------------------------------------------------------
 
@@ -353,7 +399,7 @@ class DataPlane:
         """Freeze the shard and copy each memory that ``b.config`` places elsewhere to its
         shard (it stays here too until :meth:`_rehome_finish`)."""
         shard_id = (b.config.name, b.shard)
-        await self._run(self.host.freeze, shard_id)
+        await self._run(self.host.freeze, shard_id, b.config)
         puts = await self._run(lambda: self.host.reader(shard_id).live_puts())
         placed = await self._run(self._placement, b.config, puts)
         moving: dict[int, list[PutOp]] = {}
@@ -448,7 +494,15 @@ class DataPlane:
 
     def _tail(self, b: wire.Tail) -> wire.TailReply:
         records, applied = self.host.tail((b.collection, b.shard), b.after, b.limit)
-        return wire.TailReply([encode_record(r) for r in records], applied)
+        encoded: list[bytes] = []
+        size = 0
+        for record in records:  # keep the reply well under the frame limit
+            data = encode_record(record)
+            if encoded and size + len(data) > TAIL_BYTES:
+                break
+            encoded.append(data)
+            size += len(data)
+        return wire.TailReply(encoded, applied)
 
     # -- moves ---------------------------------------------------------------------------------
 
@@ -460,8 +514,13 @@ class DataPlane:
         return wire.Done()
 
     async def _abort(self, b: wire.ShardRef) -> wire.Done:
+        """The controller gave the move up: drop the copy, unless etcd says it is ours after
+        all (a switch that committed although the controller heard an error)."""
         shard_id = (b.collection, b.shard)
-        if self.host.states().get(shard_id) in (State.INCOMING, State.READY):
+        snap = await self.map.refresh()
+        if snap.owner(*shard_id) == self.node_id:
+            self.host.activate(shard_id)
+        elif self.host.states().get(shard_id) in (State.INCOMING, State.READY):
             await self._run(self.host.drop, shard_id)
         return wire.Done()
 
@@ -478,7 +537,7 @@ class DataPlane:
         the frozen source."""
         shard_id: ShardId = COORDINATION if config is None else (config.name, number)
         if shard_id in self._pulling:
-            raise MemclusterError(f"shard {shard_name(shard_id)} is being pulled already")
+            raise InvalidState(f"shard {shard_name(shard_id)} is being pulled here already")
         self._pulling.add(shard_id)
         ref = wire.ShardRef(collection=shard_id[0], shard=shard_id[1])
         started = time.monotonic()
@@ -566,6 +625,8 @@ class DataPlane:
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._sync_needed.wait(), 1.0)
+            if self._stop.is_set():
+                return
             self._sync_needed.clear()
             try:
                 await self._sync(self.map.current)
@@ -602,8 +663,14 @@ class DataPlane:
             if shard_id not in snap.shards and state is not State.INCOMING:
                 await self._run(self.host.drop, shard_id)  # its collection was dropped
         now = time.monotonic()
-        for shard_id, since in self.host.frozen_since().items():
-            if now - since > self.move_timeout_s:
+        for shard_id, (since, rehoming) in self.host.frozen().items():
+            if rehoming is not None and snap.collections.get(shard_id[0]) == rehoming:
+                # The controller switched the layout: finish the rehome here (it may have
+                # died before telling us; finishing twice is harmless).
+                await self._run(
+                    self._rehome_finish, wire.Rehome(config=rehoming, shard=shard_id[1])
+                )
+            elif now - since > (REHOME_TIMEOUT_S if rehoming else self.move_timeout_s):
                 await self._reclaim(shard_id)
 
     async def _reclaim(self, shard_id: ShardId) -> None:

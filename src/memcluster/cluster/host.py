@@ -106,6 +106,8 @@ class Hosted:
         self.path = path
         self.state = State.INCOMING
         self.frozen_at = 0.0
+        self.rehoming: CollectionConfig | None = None
+        """While frozen for a rehome: the layout the memories are being placed by."""
         shard.write_gate = self._gate
 
     def _gate(self) -> None:
@@ -308,6 +310,7 @@ class ShardHost:
         with h.shard.lock:
             if h.state in (State.READY, State.FROZEN):
                 h.state = State.ACTIVE
+                h.rehoming = None
                 log.info("shard %s is active here", shard_name(shard_id))
         if isinstance(h.shard, CoordShard):
             h.shard.handover(False)
@@ -367,19 +370,22 @@ class ShardHost:
         applied = shard.applied_seq
         return shard.records_after(after_seq, limit), applied
 
-    def freeze(self, shard_id: ShardId) -> int:
-        """Refuse writes from now on; returns the last seq written (the handover's end)."""
+    def freeze(self, shard_id: ShardId, rehoming: CollectionConfig | None = None) -> int:
+        """Refuse writes from now on; returns the last seq written (the handover's end).
+        ``rehoming``: frozen to place the memories by this layout (not for a move)."""
         h = self._get(shard_id, State.ACTIVE, State.FROZEN)
         with h.shard.lock:
             h.state = State.FROZEN
             h.frozen_at = time.monotonic()
+            h.rehoming = rehoming
             seq = h.shard.applied_seq
         if isinstance(h.shard, CoordShard):
             h.shard.handover(True)  # waiting acquires ask the new holder
         return seq
 
-    def frozen_since(self) -> dict[ShardId, float]:
-        return {h.id: h.frozen_at for h in self._all() if h.state is State.FROZEN}
+    def frozen(self) -> dict[ShardId, tuple[float, CollectionConfig | None]]:
+        """Frozen shards: since when (monotonic), and the layout of a rehome (None: a move)."""
+        return {h.id: (h.frozen_at, h.rehoming) for h in self._all() if h.state is State.FROZEN}
 
     # -- taking a shard over (target side) -----------------------------------------------------
 
@@ -406,9 +412,6 @@ class ShardHost:
         fsync_path(path)
         fsync_path(path.parent)
         self._install(shard_id, config, path, State.INCOMING)
-
-    def applied_seq(self, shard_id: ShardId) -> int:
-        return self._get(shard_id, *State).shard.applied_seq
 
     def apply(self, shard_id: ShardId, records: Sequence[Record]) -> int:
         """Apply shipped records to an INCOMING copy; returns its applied seq."""
@@ -438,7 +441,7 @@ class ShardHost:
         prepared = {}
         for h in hosted:
             assert h.config is not None
-            prepared[h.id[1]] = prepare_puts(
+            prepared[h.id[1]], _ = prepare_puts(
                 batches[h.id[1]], h.config, self.config, _checked_lease
             )
         out: dict[int, list[int]] = {}
@@ -478,6 +481,20 @@ class ShardHost:
         shard = self._data(shard_id, State.ACTIVE)
         with self._serving():
             return sum(shard.delete(ns, key, fence) for ns, key in keys)
+
+    def locate(
+        self, shard_id: ShardId, keys: Sequence[tuple[tuple[str, ...], str]]
+    ) -> list[tuple[int, float]]:
+        shard = self.reader(shard_id)
+        with self._serving():
+            return shard.locate(keys)
+
+    def delete_versions(
+        self, shard_id: ShardId, items: Sequence[tuple[tuple[str, ...], str, int]]
+    ) -> int:
+        shard = self.writer(shard_id)
+        with self._serving():
+            return shard.delete_versions(items)
 
     def _each(self, shards: Sequence[ShardId], call: Callable[[Shard], R]) -> list[R]:
         readers = [self.reader(s) for s in shards]

@@ -21,8 +21,11 @@ Both are one procedure, a *rehome* of one shard under a new config:
 
 Until step 3 a moved memory exists in two shards: reads see it once (gets take the newest,
 searches keep one hit per key) but a count may include it twice for that moment. If step 2
-fails (the config changed meanwhile) the shard is unfrozen and the copies are left to a later
-rehome; a new shard that never came into force is removed from the map.
+fails (the config changed meanwhile) the shard is unfrozen; a new shard that never came into
+force is removed from the map, or emptied before the next attempt. Step 2 is arbitrated with
+the node's own give-up timer through the shard's assignment (see ``_Job._rehome``), and the
+node runs step 3 itself when it sees the new config, so a controller that dies anywhere in
+between leaves neither a frozen shard nor lost writes.
 """
 
 from __future__ import annotations
@@ -76,12 +79,15 @@ async def reshard(coord: Coordinator, cluster: str, peers: Peers) -> None:
         try:
             entries, _ = await coord.get_prefix(shards_prefix(cluster, config.name))
             owners = {}
+            placed: dict[int, tuple[ShardAssignment, int]] = {}
             for entry in entries:
                 number = int(entry.key.rsplit(b"/", 1)[1])
-                owners[number] = decode(entry.value, ShardAssignment, entry.key).leader
+                assignment = decode(entry.value, ShardAssignment, entry.key)
+                owners[number] = assignment.leader
+                placed[number] = (assignment, entry.mod_revision)
             if any(owners.get(n) not in live for n in range(config.shards)):
                 continue  # not all placed and up: later
-            job = _Job(coord, cluster, peers, config, kv.mod_revision, owners, live)
+            job = _Job(coord, cluster, peers, config, kv.mod_revision, owners, live, placed)
             if wants_split:
                 await job.split()
             else:
@@ -100,6 +106,7 @@ class _Job:
         revision: int,
         owners: dict[int, str | None],
         live: dict[str, NodeInfo],
+        placed: dict[int, tuple[ShardAssignment, int]],
     ) -> None:
         self.coord = coord
         self.cluster = cluster
@@ -108,6 +115,8 @@ class _Job:
         self.revision = revision
         self.owners = owners
         self.live = live
+        self.placed = placed
+        """Each shard's assignment and the revision it was read at."""
 
     def _url(self, shard: int) -> str:
         owner = self.owners[shard]
@@ -165,6 +174,11 @@ class _Job:
         existing = await self.coord.get(key)
         if existing is None:
             await self.coord.txn([Compare(key, 0)], [Put(key, encode(placed))])
+        else:  # left by a failed attempt: start it empty again
+            self.owners[new] = owner
+            await self._wait_open(new)
+            body = wire.ShardScope(collection=config.name, shards=[new])
+            await self.peers.request(self._url(new), "shard.delete_where", body, wire.ShardCount)
         log.info(
             "splitting %s/%04d (%d memories) at %s=%g into a new shard %04d",
             config.name,
@@ -209,23 +223,37 @@ class _Job:
         raise MemclusterError(f"{self.config.name}/{shard:04d} did not open on its node")
 
     async def _rehome(self, shard: int, layout: CollectionConfig) -> bool:
-        """Copy, switch the config, finish (see the module docstring); True if in force."""
+        """Copy, switch the config, finish (see the module docstring); True if in force.
+
+        The switch is one txn conditioned on both the collection's config and the shard's
+        assignment as read, and it raises the shard's epoch: a node that gave up waiting and
+        unfroze the shard (raising the epoch itself) makes it fail, and once it succeeded that
+        node can no longer unfreeze, so no write lands between the copy and the switch."""
         url = self._url(shard)
         body = wire.Rehome(config=layout, shard=shard)
         ref = wire.ShardRef(collection=layout.name, shard=shard)
         try:
             moved = await self.peers.request(url, "shard.rehome", body, wire.Rehomed, 600.0)
-            key = collection_key(self.cluster, layout.name)
-            switched = await self.coord.txn(
-                [Compare(key, self.revision)], [Put(key, encode(layout))]
-            )
         except MemclusterError:
             await self.peers.request(url, "shard.unfreeze", ref, wire.Done)
             raise
+        key = collection_key(self.cluster, layout.name)
+        akey = shard_key(self.cluster, layout.name, shard)
+        assignment, revision = self.placed[shard]
+        bumped = msgspec.structs.replace(assignment, epoch=assignment.epoch + 1)
+        try:
+            switched = await self.coord.txn(
+                [Compare(key, self.revision), Compare(akey, revision)],
+                [Put(key, encode(layout)), Put(akey, encode(bumped))],
+            )
+        except MemclusterError:
+            current = await self.coord.get(key)  # committed before the error?
+            switched = current is not None and current.value == encode(layout)
         if not switched:
             log.warning("%s changed while resharding; giving this change up", layout.name)
             await self.peers.request(url, "shard.unfreeze", ref, wire.Done)
             return False
+        # The node also finishes by itself when it sees the new config: this only hurries it.
         await self.peers.request(url, "shard.rehome_finish", body, wire.Done, 600.0)
         log.info("%s/%04d rehomed: copied %s", layout.name, shard, moved.moved)
         return True

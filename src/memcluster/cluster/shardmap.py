@@ -60,6 +60,8 @@ class ShardMap:
         self.cluster = cluster
         self._snapshot = Snapshot()
         self._kvs: dict[bytes, KeyValue] = {}
+        self._seen: dict[bytes, int] = {}
+        """The revision of each key's last put or delete applied (deletes included)."""
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self.loaded = asyncio.Event()
@@ -82,9 +84,18 @@ class ShardMap:
             return self._snapshot
 
     async def refresh(self) -> Snapshot:
-        """Read everything again now (a linearizable read); returns the new snapshot."""
+        """Read everything again now (a linearizable read); returns the new snapshot.
+
+        Merged key by key with what the watch delivered: a key changes only to a newer
+        revision, so a read older than an event already applied cannot undo it, and the watch
+        cannot later replay an older change over this read (``_seen`` remembers, per key, the
+        revision of its last put or delete)."""
         kvs, revision = await self.coord.get_prefix(cluster_prefix(self.cluster))
-        self._kvs = {kv.key: kv for kv in kvs}
+        present = {kv.key for kv in kvs}
+        for kv in kvs:
+            self._apply(WatchEvent("put", kv, kv.mod_revision))
+        for key in [k for k in self._kvs if k not in present]:
+            self._apply(WatchEvent("delete", KeyValue(key, b"", revision, 0, 0), revision))
         self._publish(revision)
         return self.current
 
@@ -127,12 +138,17 @@ class ShardMap:
         self._stop.set()
 
     def _apply(self, event: WatchEvent) -> None:
+        key = event.kv.key
+        if self._seen.get(key, 0) >= event.revision:
+            return  # this key is newer already (a refresh read it)
+        self._seen[key] = event.revision
         if event.kind == "put":
-            self._kvs[event.kv.key] = event.kv
+            self._kvs[key] = event.kv
         else:
-            self._kvs.pop(event.kv.key, None)
+            self._kvs.pop(key, None)
 
     def _publish(self, revision: int) -> None:
+        revision = max(revision, self._snapshot.revision)  # never goes back
         snap = self._build(revision)
         with self._changed:
             self._snapshot = snap

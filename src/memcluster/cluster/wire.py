@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from memcluster.core.types import CollectionConfig, Hit, Memory
+from memcluster.core.types import CollectionConfig, Event, Hit, Memory
 
 Key = tuple[tuple[str, ...], str]
 
@@ -53,6 +53,26 @@ class FenceCheck(msgspec.Struct, kw_only=True):
 
     lock: str
     token: int
+
+
+class ShardLocate(msgspec.Struct, kw_only=True):
+    """Where are these memories? (range and vector collections, before writing)"""
+
+    collection: str
+    shards: list[int]
+    keys: list[Key]
+
+
+class Located(msgspec.Struct):
+    found: dict[int, list[tuple[int, int, float]]]
+    """Per shard: (index in keys, version, updated_at) of the memories it holds."""
+
+
+class ShardDeleteVersions(msgspec.Struct, kw_only=True):
+    """Delete older copies of moved memories, each only while still at that version."""
+
+    collection: str
+    deletes: dict[int, list[tuple[tuple[str, ...], str, int]]]
 
 
 class ShardScope(msgspec.Struct, kw_only=True):
@@ -217,3 +237,14 @@ class Leases(msgspec.Struct):
 
 class Done(msgspec.Struct):
     pass
+
+
+class ShardFeedItem(msgspec.Struct):
+    """An item of a ``shard.subscribe`` stream: an event of the shard, or (``event`` None) the
+    news that the shard's feed was read up to ``position`` without another event (changes
+    filtered out, or moved to another shard). A reopened stream resumes from the last
+    ``position``, so a filtered subscription keeps its place across a move."""
+
+    event: Event | None
+    position: int
+    """The shard's seq after this item: the event's version, or how far the feed was read."""

@@ -8,7 +8,9 @@ fields at the end with defaults, never reorder):
     Record   = [seq, ts, ops, idem]
     PutOp    = ["p", namespace, key, text, vector, metadata, created_at, updated_at, expires_at]
     LeasedPutOp = ["pl", ...the fields of PutOp..., lease]   a put attached to a lease
-    DeleteOp = ["d", namespace, key, reason]
+    DeleteOp = ["d", namespace, key, reason]   reason: 0 user, 1 expired, 2 evicted,
+                                               3 moved (the memory lives in another
+                                               shard now; the change feed skips it)
     FenceOp  = ["f", lock, token]        writes under lock ``lock`` now need a token >= ``token``
 
 The coordination shard (leases, locks, semaphores, counters) writes its own operations into
@@ -44,6 +46,11 @@ class DeleteReason(enum.IntEnum):
     USER = 0
     EXPIRED = 1
     EVICTED = 2
+    MOVED = 3
+    """The memory now lives in another shard of its collection (a range split, centroids
+    placed, or a put that changed its range field or vector): the copy here is removed, the
+    memory is not. The change feed delivers no event for it (the put in its new shard is
+    the event)."""
 
 
 class PutOp(msgspec.Struct, frozen=True, array_like=True, tag="p"):

@@ -21,9 +21,12 @@ shards that lists it in ``missing_shards``.
 
 Writes: the shards of one node are written atomically; a batch that spans nodes is written
 node by node, so a batch rejected by one node (a version conflict, capacity) may have been
-written on another. Range- and vector-sharded collections place a memory by its field or
-vector, so a memory that changes them moves: it is written to its new shard, then deleted
-from the others.
+written on another. Every put carries an idempotency key (the caller's, or one made here),
+so a part sent again after a lost connection is answered from the shard's record; deletes are
+not sent again (a lost reply leaves unknown whether the memory existed). Range- and
+vector-sharded collections place a memory by its field or vector, so a memory that changes
+them moves: it is located first, written to its new shard, and its old copy deleted only
+while unchanged (see ``ClusterCollection._put_moving``).
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ import asyncio
 import base64
 import concurrent.futures
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
 from memcluster.cluster import wire
 from memcluster.cluster.coordinator import Compare, Coordinator, Delete, Put
@@ -54,7 +59,9 @@ from memcluster.core.errors import (
     MemclusterError,
     PayloadTooLarge,
     ShardUnavailable,
+    Timeout,
     Unreachable,
+    VersionConflict,
     WrongNode,
 )
 from memcluster.core.types import (
@@ -120,18 +127,7 @@ class ClusterStore:
         self.loop = loop
         self.config = config
         self.route_deadline_s = route_deadline_s
-        self._local: dict[str, Callable[[Any], msgspec.Struct]] = {
-            "shard.put": dataplane._put,
-            "shard.get": dataplane._get,
-            "shard.delete": dataplane._delete,
-            "shard.search": dataplane._search,
-            "shard.count": dataplane._count,
-            "shard.delete_where": dataplane._delete_where,
-            "shard.list": dataplane._list,
-            "shard.stats": lambda b: wire.ShardStats(
-                dataplane.host.stats([(b.collection, n) for n in b.shards])
-            ),
-        }
+        self._local = {kind: fn for kind, (_, fn) in dataplane.local.items()}
         self._sharders: dict[str, tuple[CollectionConfig, Sharder]] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -155,9 +151,17 @@ class ClusterStore:
         reply: type[T],
         *,
         allow_partial: bool = False,
+        resend: bool = True,
+        reroute: bool = True,
     ) -> tuple[list[T], list[str]]:
         """Send ``body(shards of a node)`` to each owner of ``shards``; the replies and the
-        shards that could not answer (only with ``allow_partial``; else ShardUnavailable)."""
+        shards that could not answer (only with ``allow_partial``; else ShardUnavailable).
+
+        A part refused with WrongNode (not applied) is sent again once the map changed,
+        unless ``reroute`` is False (then WrongNode is raised, for a caller that must place
+        its request again). A part whose connection was lost or timed out may have been
+        applied: it is sent again only if ``resend`` (reads, idempotent writes); else the
+        error is raised."""
         deadline = time.monotonic() + self.route_deadline_s
         pending = sorted(set(shards))
         replies: list[T] = []
@@ -194,20 +198,32 @@ class ClusterStore:
                         self.loop,
                     )
             retry: list[int] = list(waiting)
+            failure: MemclusterError | None = None
             if local is not None:
                 try:
                     got = self._local[kind](body(local))
                     assert isinstance(got, reply)
                     replies.append(got)
                 except WrongNode as exc:
+                    if not reroute:
+                        failure = failure or exc
                     retry.extend(local)
                     last_problem = str(exc)
             for owner, future in futures.items():
                 try:
                     replies.append(future.result())
-                except (WrongNode, Unreachable) as exc:
+                except WrongNode as exc:
+                    if not reroute:
+                        failure = failure or exc
                     retry.extend(groups[owner])
                     last_problem = str(exc)
+                except (Unreachable, Timeout) as exc:
+                    if not resend and not allow_partial:
+                        failure = failure or exc
+                    retry.extend(groups[owner])
+                    last_problem = str(exc)
+            if failure is not None:
+                raise failure
             pending = sorted(retry)
             if pending:
                 left = deadline - time.monotonic()
@@ -301,7 +317,9 @@ class ClusterStore:
         """Run a coordination operation where the coordination shard is: here, or forwarded
         as the same public operation to its node. Sent again after WrongNode (refused before
         any effect); after a lost connection only if the operation may be retried."""
-        deadline = time.monotonic() + self.route_deadline_s
+        # A blocking acquire may wait up to wait_s in the holder's queue before a move wakes
+        # it with WrongNode: that wait is not re-routing time.
+        deadline = time.monotonic() + self.route_deadline_s + wait_s
         op = OPERATIONS.get(kind)
         retry_lost = op is None or op.retry  # node-to-node checks have no effect to repeat
         while True:
@@ -580,18 +598,26 @@ class ClusterCollection:
             return []
         if idempotency_key is not None:
             validation.key(idempotency_key, cfg)
-        prepared = prepare_puts(memories, self.config, cfg, self._store.lease_checker())
+        prepared, matrix = prepare_puts(memories, self.config, cfg, self._store.lease_checker())
         checked = None if fence is None else self._store.check_fence(fence)
-        sharder = self._sharder
-        if sharder.keyed:
-            placed = [sharder.key_shard(p.namespace, p.key) or 0 for p in prepared]
-        else:
-            placed = sharder.place(
-                [p.namespace for p in prepared],
-                [p.key for p in prepared],
-                np.stack([p.vector for p in prepared]),
-                [m.metadata for m in memories],
-            )
+        # Every shard remembers the batch's key: a part resent after a lost connection, or
+        # after the layout changed, is answered from that record instead of written twice.
+        idem = idempotency_key or f"auto-{uuid.uuid4().hex}"
+        if self._sharder.keyed:
+            placed = [self._sharder.key_shard(p.namespace, p.key) or 0 for p in prepared]
+            return self._write(list(memories), placed, idem, checked, reroute=True)
+        return self._put_moving(memories, prepared, matrix, idem, checked)
+
+    def _write(
+        self,
+        memories: list[Memory],
+        placed: Sequence[int],
+        idem: str,
+        fence: tuple[str, int] | None,
+        *,
+        reroute: bool,
+    ) -> list[int]:
+        """Write each memory to its placed shard, one request per node; the versions."""
         batches: dict[int, list[Memory]] = {}
         positions: dict[int, list[int]] = {}
         for i, (memory, shard) in enumerate(zip(memories, placed, strict=True)):
@@ -604,37 +630,113 @@ class ClusterCollection:
             lambda group: wire.ShardPut(
                 collection=self.name,
                 batches={n: batches[n] for n in group},
-                idempotency_key=idempotency_key,
-                fence=checked,
+                idempotency_key=idem,
+                fence=fence,
             ),
             wire.ShardPutReply,
+            reroute=reroute,
         )
         versions = [0] * len(memories)
         for reply in replies:
             for shard, got in reply.versions.items():
                 for i, version in zip(positions[shard], got, strict=True):
                     versions[i] = version
-        if not sharder.keyed and self.config.shards > 1:
-            self._delete_elsewhere(prepared, placed)
         return versions
 
-    def _delete_elsewhere(self, prepared: Sequence[Any], placed: Sequence[int]) -> None:
-        """A range/vector memory lives in the shard its field or vector says: delete any older
-        copy of each key from the other shards (one request per node)."""
+    def _put_moving(
+        self,
+        memories: Sequence[Memory],
+        prepared: Sequence[Any],
+        matrix: npt.NDArray[np.float32],
+        idem: str,
+        fence: tuple[str, int] | None,
+    ) -> list[int]:
+        """A put to a range or vector collection, where a memory's shard follows its field or
+        vector. Each memory's current copies are located first: ``if_version`` is checked
+        against the newest, a memory that moves is written to its new shard as absent there,
+        and its old copies are then deleted only while still at the version located, so a
+        concurrent write is never undone (two concurrent writes of one memory to different
+        shards can leave two copies: reads take the newest, the next write of it tidies up).
+        A layout change (a split) in between places the batch again."""
         keys = [(p.namespace, p.key) for p in prepared]
-        elsewhere = {
-            shard: [k for k, home in zip(keys, placed, strict=True) if home != shard]
-            for shard in self._all()
-        }
+        deadline = time.monotonic() + self._store.route_deadline_s
+        first = True
+        while True:
+            config = self._store.map.current.collections.get(self.name, self.config)
+            sharder = self._store.sharder(config)
+            found = self._locate(keys, config)
+            if first:
+                for i, memory in enumerate(memories):
+                    if memory.if_version is None:
+                        continue
+                    copies = found.get(i, [])
+                    current = max(copies, key=lambda c: c[2])[1] if copies else 0
+                    if memory.if_version != current:
+                        raise VersionConflict(
+                            f"{self.name}: {keys[i][0]}/{keys[i][1]!r} is at version"
+                            f" {current}, the write expected {memory.if_version} (0 = absent);"
+                            " read it again and retry with its current version",
+                            expected=memory.if_version,
+                            actual=current,
+                        )
+                first = False
+            placed = sharder.place(
+                [p.namespace for p in prepared],
+                [p.key for p in prepared],
+                matrix,
+                [m.metadata for m in memories],
+            )
+            sending = []
+            for i, memory in enumerate(memories):
+                holders = {c[0] for c in found.get(i, [])}
+                if memory.if_version is not None and placed[i] not in holders:
+                    memory = msgspec.structs.replace(memory, if_version=0)  # absent there
+                sending.append(memory)
+            try:
+                versions = self._write(sending, placed, idem, fence, reroute=False)
+            except WrongNode:
+                if time.monotonic() > deadline:
+                    raise
+                self._store.map.wait_change(self._store.map.current.revision, 0.2)
+                continue
+            stale: dict[int, list[tuple[tuple[str, ...], str, int]]] = {}
+            for i, copies in found.items():
+                for shard, version, _ in copies:
+                    if shard != placed[i]:
+                        stale.setdefault(shard, []).append((*keys[i], version))
+            if stale:
+                self._delete_stale(stale)
+            return versions
+
+    def _delete_stale(self, stale: dict[int, list[tuple[tuple[str, ...], str, int]]]) -> None:
+        """Delete the old copies of moved memories, each only while at the version located."""
         self._store.scatter(
             self.name,
-            [s for s, ks in elsewhere.items() if ks],
-            "shard.delete",
-            lambda group: wire.ShardDelete(
-                collection=self.name, deletes={n: elsewhere[n] for n in group}
+            list(stale),
+            "shard.delete_versions",
+            lambda group: wire.ShardDeleteVersions(
+                collection=self.name, deletes={n: stale[n] for n in group}
             ),
             wire.ShardCount,
         )
+
+    def _locate(
+        self, keys: list[tuple[tuple[str, ...], str]], config: CollectionConfig
+    ) -> dict[int, list[tuple[int, int, float]]]:
+        """For each key (by index): its copies, as (shard, version, updated_at)."""
+        replies, _ = self._store.scatter(
+            self.name,
+            list(range(config.shards)),
+            "shard.locate",
+            lambda group: wire.ShardLocate(collection=self.name, shards=group, keys=keys),
+            wire.Located,
+        )
+        found: dict[int, list[tuple[int, int, float]]] = {}
+        for reply in replies:
+            for shard, hits in reply.found.items():
+                for i, version, updated in hits:
+                    found.setdefault(i, []).append((shard, version, updated))
+        return found
 
     def delete(
         self, namespace: tuple[str, ...], key: str, fence: tuple[str, int] | None = None
@@ -649,6 +751,7 @@ class ClusterCollection:
                 collection=self.name, deletes={n: [(ns, k)] for n in group}, fence=checked
             ),
             wire.ShardCount,
+            resend=False,  # a lost reply leaves it unknown whether it existed
         )
         return sum(r.count for r in replies) > 0
 
@@ -656,7 +759,7 @@ class ClusterCollection:
         self, namespace: tuple[str, ...] | None = None, filter: Mapping[str, Any] | None = None
     ) -> int:
         prefix, flt = self._scope(namespace, filter)
-        return self._sum("shard.delete_where", prefix, flt)
+        return self._sum("shard.delete_where", prefix, flt, resend=False)
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -680,7 +783,9 @@ class ClusterCollection:
         found = [r.memory for r in replies if r.memory is not None]
         return max(found, key=lambda m: m.updated_at) if found else None
 
-    def _sum(self, kind: str, prefix: tuple[str, ...], flt: dict[str, Any] | None) -> int:
+    def _sum(
+        self, kind: str, prefix: tuple[str, ...], flt: dict[str, Any] | None, resend: bool = True
+    ) -> int:
         replies, _ = self._store.scatter(
             self.name,
             self._sharder.search_shards(prefix, flt),
@@ -689,6 +794,7 @@ class ClusterCollection:
                 collection=self.name, shards=group, namespace=prefix, filter=flt
             ),
             wire.ShardCount,
+            resend=resend,
         )
         return sum(r.count for r in replies)
 

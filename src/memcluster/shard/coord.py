@@ -554,8 +554,13 @@ class CoordShard:
     def messages(self, after_seq: int, limit: int) -> list[tuple[int, float, PublishOp]]:
         """Up to ``limit`` published messages (of every topic) with seq > ``after_seq``.
 
-        CursorExpired when ``after_seq`` is older than the log still holds."""
+        CursorExpired when ``after_seq`` is older than the log still holds; InvalidState once
+        the shard is closed (a cluster node handed it to another node: a subscriber follows
+        it there)."""
+        closed = "coordination: closed (the shard moved to another node, or the database closed)"
         with self.lock:
+            if self._closed:
+                raise InvalidState(closed)
             if after_seq >= self.state.applied_seq:
                 return []
             if after_seq + 1 >= self._messages_floor:
@@ -563,6 +568,8 @@ class CoordShard:
                 start = bisect.bisect_right(recent, after_seq, key=lambda m: m[0])
                 return recent[start : start + limit]
         with self._wal_read_lock:
+            if self._closed:  # closed since the lock was let go: its WAL is closed too
+                raise InvalidState(closed)
             first = self._wal.first_seq()
             if after_seq + 1 < first:
                 raise CursorExpired(

@@ -8,20 +8,28 @@ A subscription follows every shard of a collection from a position, a seq per sh
 Resuming with a cursor delivers every change after those positions, in each shard's order,
 with no gap and no duplicate. This holds while the shards still retain those changes (the
 newest ``feed_buffer_events`` in memory, up to ``feed_retention_events`` in the WAL).
-Changes of different shards are independent and have no common order.
+Changes of different shards are independent and have no common order. A cursor may hold
+fewer positions than the collection has shards: a cluster's range split appends shards, and
+the ones an older cursor does not name are read from their start (seq 0).
 
 :class:`FeedReader` is the non-blocking core: :meth:`FeedReader.poll` returns the next
 events. The embedded iterator and the server's stream wait for a wake-up between polls; a
 shard calls every listener after it applies a record. A filter applies to puts, through the
 same compiled filter and columns as searches. Deletes, expiries and evictions carry no
 metadata, so a subscription delivers them for every memory under its namespace prefix.
+A delete with reason ``MOVED`` (the memory went to another shard of the collection, where
+its put is an event) delivers nothing; the reader's position moves past it all the same.
+
+:class:`ShardFollower` reads one shard for a reader on another node: besides the events it
+reports how far it read, so that a filtered subscription whose events are rare still keeps
+its place (see :mod:`memcluster.query.feeds`).
 """
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 import numpy as np
@@ -36,11 +44,21 @@ from memcluster.shard.shard import Change, Shard
 
 _meta_decoder = msgspec.json.Decoder(dict[str, Any])
 _payload_decoder = msgspec.json.Decoder()
-_DELETE_OPS = {
-    DeleteReason.USER: EventOp.DELETE,
-    DeleteReason.EXPIRED: EventOp.EXPIRE,
-    DeleteReason.EVICTED: EventOp.EVICT,
-}
+
+
+def _delete_event(reason: DeleteReason) -> EventOp | None:
+    """The event a delete makes; None: no event (the memory still exists elsewhere)."""
+    match reason:
+        case DeleteReason.USER:
+            return EventOp.DELETE
+        case DeleteReason.EXPIRED:
+            return EventOp.EXPIRE
+        case DeleteReason.EVICTED:
+            return EventOp.EVICT
+        case DeleteReason.MOVED:
+            return None
+        case _:
+            assert_never(reason)
 
 
 def encode_cursor(collection: str, positions: Sequence[int]) -> str:
@@ -49,8 +67,9 @@ def encode_cursor(collection: str, positions: Sequence[int]) -> str:
 
 
 def decode_cursor(cursor: str, collection: str, shards: int) -> list[int]:
-    """The per-shard positions of ``cursor``; InvalidArgument if it is not one of this
-    collection's cursors."""
+    """The positions of ``cursor`` for a collection of ``shards`` shards (a position of 0 for
+    each shard it does not name: shards appended since it was made); InvalidArgument if it
+    is not one of this collection's cursors, or names more shards than it has."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         name, positions = msgspec.msgpack.decode(raw, type=tuple[str, list[int]])
@@ -58,12 +77,19 @@ def decode_cursor(cursor: str, collection: str, shards: int) -> list[int]:
         raise InvalidArgument(
             "cursor is not a change-feed cursor: pass an event's cursor unchanged"
         ) from None
-    if name != collection or len(positions) != shards or min(positions, default=0) < 0:
+    if name != collection:
         raise InvalidArgument(
-            f"cursor belongs to collection {name!r} with {len(positions)} shards, not to"
-            f" {collection!r} with {shards}"
+            f"cursor belongs to collection {name!r}, not to {collection!r}: pass a cursor of"
+            f" this collection's feed"
         )
-    return positions
+    if len(positions) > shards:
+        raise InvalidArgument(
+            f"cursor names {len(positions)} shards of collection {collection!r}, which has"
+            f" {shards}: pass an event's cursor unchanged"
+        )
+    if min(positions, default=0) < 0:
+        raise InvalidArgument("cursor holds a negative position: pass an event's cursor unchanged")
+    return positions + [0] * (shards - len(positions))
 
 
 class FeedReader:
@@ -131,7 +157,7 @@ class FeedReader:
 
     def _events(self, shard: int, changes: list[Change]) -> list[Event]:
         prefix, n = self._prefix, len(self._prefix)
-        wanted = [c for c in changes if c[2].namespace[:n] == prefix]
+        wanted = [c for c in changes if c[2].namespace[:n] == prefix and _delivered(c[2])]
         metadata: list[dict[str, Any] | None] = [
             _meta_decoder.decode(op.metadata) if isinstance(op, PutOp) else None
             for _, _, op in wanted
@@ -156,6 +182,10 @@ class FeedReader:
         return events
 
 
+def _delivered(op: PutOp | DeleteOp) -> bool:
+    return not isinstance(op, DeleteOp) or _delete_event(op.reason) is not None
+
+
 def _event(
     collection: str,
     shard: int,
@@ -168,11 +198,13 @@ def _event(
 ) -> Event:
     cursor = encode_cursor(collection, positions)
     if isinstance(op, DeleteOp):
+        kind = _delete_event(op.reason)
+        assert kind is not None, "moves are left out before"
         return Event(
             collection=collection,
             namespace=op.namespace,
             key=op.key,
-            op=_DELETE_OPS[op.reason],
+            op=kind,
             version=seq,
             time=ts,
             shard=shard,
@@ -192,6 +224,35 @@ def _event(
         metadata=meta,
         vector=vector,
     )
+
+
+class ShardFollower:
+    """One shard of a :class:`FeedReader` (whose other shards are None), read for a reader on
+    another node. Its items are ``(event, position)``: ``position`` is the shard's seq after
+    the item. A poll that read changes past its last event (filtered out, under another
+    namespace, moved away) ends with ``(None, position)``. So the remote reader keeps its
+    place although nothing matched: reopened at another node after the shard moved, it
+    resumes from there, not from its last event, which the new copy's log (starting at the
+    transfer's snapshot) may not reach."""
+
+    def __init__(self, reader: FeedReader, shard: int) -> None:
+        self.reader = reader
+        self.shard = shard
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        self.reader.listen(callback)
+
+    def unlisten(self, callback: Callable[[], None]) -> None:
+        self.reader.unlisten(callback)
+
+    def poll(self) -> list[tuple[Event | None, int]]:
+        before = self.reader.positions[self.shard]
+        events = self.reader.poll()
+        items: list[tuple[Event | None, int]] = [(e, e.version) for e in events]
+        position = self.reader.positions[self.shard]
+        if position > (events[-1].version if events else before):
+            items.append((None, position))
+        return items
 
 
 class TopicReader:

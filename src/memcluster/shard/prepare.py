@@ -1,13 +1,17 @@
 """Validate a batch of memories into the :class:`PreparedPut` items a shard writes.
 
-Both the embedded engine and a cluster node call :func:`prepare_puts`, so a memory is checked
-the same way wherever it is written: one vector matrix check for the whole batch, then each
-name, text, metadata and option, with errors that say which memory is wrong.
+The embedded engine, a cluster node's router and the node holding the shard all call
+:func:`prepare_puts`, so a memory is checked the same way wherever it is written: one vector
+matrix check for the whole batch, then each name, text, metadata and option, with errors that
+say which memory is wrong.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
+import numpy as np
+import numpy.typing as npt
 
 from memcluster.core import validation
 from memcluster.core.config import Config
@@ -21,9 +25,10 @@ def prepare_puts(
     coll: CollectionConfig,
     config: Config,
     lease_of: Callable[[object], int],
-) -> list[PreparedPut]:
-    """The validated items of ``memories``; ``lease_of`` turns a memory's ``lease`` option
-    into the lease id to record (0: none), checking that it is alive."""
+) -> tuple[list[PreparedPut], npt.NDArray[np.float32]]:
+    """The validated items of ``memories``, and their vectors as one (n, dim) matrix (the
+    items' vectors are its rows); ``lease_of`` turns a memory's ``lease`` option into the
+    lease id to record (0: none), checking that it is alive."""
     matrix = validation.vectors([m.vector for m in memories], coll.dim, coll.metric)
     prepared: list[PreparedPut] = []
     seen: dict[tuple[tuple[str, ...], str], int] = {}
@@ -48,4 +53,4 @@ def prepare_puts(
                 lease=lease_of(m.lease),
             )
         )
-    return prepared
+    return prepared, matrix

@@ -419,6 +419,30 @@ class Shard:
         if token >= 0:
             self._wal.sync(token)
 
+    def locate(self, keys: Sequence[Key]) -> list[tuple[int, float]]:
+        """For each (namespace, key): (its version, updated_at), (0, 0.0) if absent."""
+        with self.lock:
+            self._check_readable()
+            return [(0, 0.0) if f is None else (f[0], f[2]) for f in self.located(keys)]
+
+    def delete_versions(self, items: Sequence[tuple[tuple[str, ...], str, int]]) -> int:
+        """Delete each (namespace, key) only while it is still at that version (an older copy
+        that a memory moving between shards left behind); a newer write is never undone.
+        Durable on return; returns how many were deleted."""
+        with self.lock:
+            self._check_writable()
+            now = self._clock.time()
+            ops: list[Op] = []
+            for namespace, key, version in items:
+                slot = self._keys.get((namespace, key))
+                if slot is not None and int(self._version[slot]) == version:
+                    ops.append(DeleteOp(namespace, key, DeleteReason.USER))
+            if not ops:
+                return 0
+            token = self._write(Record(self.applied_seq + 1, now, ops))
+        self.commit(token)
+        return len(ops)
+
     def delete_moved(self, keys: Sequence[tuple[tuple[str, ...], str]]) -> int:
         """Delete memories that now live in another shard (allowed while the shard is frozen
         for the move). Durable on return; returns how many were here."""
@@ -679,11 +703,12 @@ class Shard:
         return out
 
     def plan_delete(
-        self, keys: Sequence[Key], after: Record | None = None
+        self, keys: Sequence[Key], after: Record | None = None, *, moved: bool = False
     ) -> tuple[Record | None, int]:
-        """A record deleting each of ``keys`` this shard holds (live: a user delete; expired:
-        an expiry), and how many were live; (None, 0) when it holds none. Caller holds
-        ``lock``, writes the record with :meth:`write_planned` and then commits without it.
+        """A record deleting each of ``keys`` this shard holds (live: a user delete, or with
+        ``moved`` a move's, which the change feed skips; expired: an expiry), and how many
+        were live; (None, 0) when it holds none. Caller holds ``lock``, writes the record with
+        :meth:`write_planned` and then commits without it.
 
         ``after``: a planned record that will be written first (its seq is taken into
         account, and keys it deletes already are left out)."""
@@ -700,7 +725,10 @@ class Shard:
                 continue
             existed = bool(self._expires[slot] > now)
             live += existed
-            reason = DeleteReason.USER if existed else DeleteReason.EXPIRED
+            if not existed:
+                reason = DeleteReason.EXPIRED
+            else:
+                reason = DeleteReason.MOVED if moved else DeleteReason.USER
             ops.append(DeleteOp(namespace, key, reason))
         if not ops:
             return None, 0
@@ -1054,7 +1082,11 @@ class Shard:
     def sweep_expired(self) -> bool:
         """Write deletes for expired memories; True if more remain."""
         with self.lock:
-            if self._ttl_count == 0 or self._closed or self._failed is not None:
+            if self._ttl_count == 0:
+                return False
+            try:
+                self._check_writable()  # closed, failed, or frozen for a handover
+            except MemclusterError:
                 return False
             now = self._clock.time()
             n = self._n

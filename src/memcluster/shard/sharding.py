@@ -1,6 +1,6 @@
 """The sharding strategies of a collection: which shard a memory goes to, and which shards a
-read must touch. Pure and sans-IO (no locks, no files): the embedded engine routes with it
-today, the cluster's router will route with the same functions.
+read must touch. Pure and sans-IO (no locks, no files): the embedded engine and the cluster's
+router (``memcluster.query.router``) route with the same functions.
 
 Strategies (``CollectionConfig.sharding``), each modulo ``shards`` where it hashes
     - hash, ``shard_key="key"``: ``shard_of(namespace, key)``, the original placement.
