@@ -60,11 +60,18 @@ MOVE_TIMEOUT_S = 600.0
 
 
 async def reconcile(
-    coord: Coordinator, cluster: str, peers: Peers | None = None
+    coord: Coordinator,
+    cluster: str,
+    peers: Peers | None = None,
+    moving: dict[ShardId, asyncio.Task[bool]] | None = None,
 ) -> list[Assign | Move]:
     """One round: place every unplaced shard on a live node and, with ``peers`` (to reach the
     nodes), carry out the moves that draining and balance ask for. Returns the actions
-    planned. Safe to run from several nodes at once: the txns make all but one write fail."""
+    planned. Safe to run from several nodes at once: the txns make all but one write fail.
+
+    With ``moving``, moves run as tasks kept there, and the round does not wait for them
+    (a copy may take minutes; new collections still get placed meanwhile); a shard whose move
+    is in flight is not moved again."""
     live = {n.id: n for n in await live_nodes(coord, cluster)}
     configs, _ = await coord.get_prefix(collections_prefix(cluster))
     entries, _ = await coord.get_prefix(shards_prefix(cluster))
@@ -119,21 +126,25 @@ async def reconcile(
         else:
             moves.append(action)
     if moves and peers is not None:
-        await asyncio.gather(
-            *(
-                _move(
-                    coord,
-                    cluster,
-                    peers,
-                    m,
-                    collections.get(m.shard[0]),  # None: the coordination shard
-                    live,
-                    assignments[m.shard],
-                    revisions[m.shard],
-                )
-                for m in moves
+        jobs = {
+            m.shard: _move(
+                coord,
+                cluster,
+                peers,
+                m,
+                collections.get(m.shard[0]),  # None: the coordination shard
+                live,
+                assignments[m.shard],
+                revisions[m.shard],
             )
-        )
+            for m in moves
+            if moving is None or m.shard not in moving
+        }
+        if moving is None:
+            await asyncio.gather(*jobs.values())
+        else:
+            for shard_id, job in jobs.items():
+                moving[shard_id] = asyncio.create_task(job, name=f"move {shard_id}")
     if step.unavailable:
         log.warning("shards on down nodes, unavailable: %s", step.unavailable)
     return list(step.actions)
@@ -231,6 +242,8 @@ class Controller:
         self.interval_s = interval_s
         self.leading = False
         self._stop = asyncio.Event()
+        self._moving: dict[ShardId, asyncio.Task[bool]] = {}
+        """Moves in flight (they outlive a round; a move's own txn guards its switch)."""
 
     async def run(self, lease: Callable[[], int | None]) -> None:
         """Until :meth:`stop`: campaign on the lease ``lease()`` names (the node's membership
@@ -245,7 +258,9 @@ class Controller:
                     self.coord, key, self.node_id, current
                 )
                 if self.leading:
-                    await reconcile(self.coord, self.cluster, self.peers)
+                    for shard in [s for s, t in self._moving.items() if t.done()]:
+                        self._moving.pop(shard)
+                    await reconcile(self.coord, self.cluster, self.peers, self._moving)
                     if self.peers is not None and rounds % RESHARD_EVERY == 0:
                         await reshard(self.coord, self.cluster, self.peers)
             except MemclusterError as exc:

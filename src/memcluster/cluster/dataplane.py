@@ -23,9 +23,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -53,6 +56,7 @@ from memcluster.index.filters import compile_filter
 from memcluster.shard.feed import FeedReader, ShardFollower
 from memcluster.shard.shard import Shard
 from memcluster.shard.sharding import Sharder
+from memcluster.storage.snapshot import FileWriter
 from memcluster.transport.connection import Connection
 
 log = logging.getLogger("memcluster.dataplane")
@@ -68,6 +72,11 @@ REHOME_TIMEOUT_S = 300.0
 (by an etcd txn the switch would then lose)."""
 CLOSE_ENOUGH_OPS = 256
 """A move freezes the source once the copy is this close behind."""
+
+
+def _move_file(source: Path, target: Path) -> None:
+    """A snapshot file written by moving a staged transfer file into place."""
+    os.replace(source, target)
 
 
 class Peers:
@@ -545,24 +554,28 @@ class DataPlane:
             begin = await self.peers.request(
                 source, "shard.transfer_begin", ref, wire.TransferBegin
             )
-            files: dict[str, bytes] = {}
+            # Chunks go straight to a staging directory, so a large shard does not have to
+            # fit in memory; the snapshot store then moves the files into place.
+            staging = self.host.staging_dir()
+            files: dict[str, FileWriter] = {}
             try:
                 for name, size in begin.files.items():
-                    parts = []
-                    for offset in range(0, size, TRANSFER_CHUNK_BYTES):
-                        chunk = await self.peers.request(
-                            source,
-                            "shard.transfer_read",
-                            wire.TransferRead(
-                                transfer=begin.transfer,
-                                name=name,
-                                offset=offset,
-                                size=TRANSFER_CHUNK_BYTES,
-                            ),
-                            wire.Chunk,
-                        )
-                        parts.append(chunk.data)
-                    files[name] = b"".join(parts)
+                    path = staging / name
+                    with path.open("wb") as out:
+                        for offset in range(0, size, TRANSFER_CHUNK_BYTES):
+                            chunk = await self.peers.request(
+                                source,
+                                "shard.transfer_read",
+                                wire.TransferRead(
+                                    transfer=begin.transfer,
+                                    name=name,
+                                    offset=offset,
+                                    size=TRANSFER_CHUNK_BYTES,
+                                ),
+                                wire.Chunk,
+                            )
+                            await self._run(out.write, chunk.data)
+                    files[name] = functools.partial(_move_file, path)
             finally:
                 with contextlib.suppress(MemclusterError):
                     await self.peers.request(
@@ -571,7 +584,10 @@ class DataPlane:
                         wire.TransferRef(transfer=begin.transfer),
                         wire.Done,
                     )
-            await self._run(self.host.install_snapshot, shard_id, config, begin.seq, files)
+            try:
+                await self._run(self.host.install_snapshot, shard_id, config, begin.seq, files)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
             applied = begin.seq
             while True:  # catch up while the source keeps taking writes
                 applied, behind = await self._catch_up(source, shard_id, applied)

@@ -55,7 +55,7 @@ from memcluster.shard.maintenance import Maintainer
 from memcluster.shard.prepare import prepare_puts
 from memcluster.shard.shard import Shard
 from memcluster.storage.files import fsync_path
-from memcluster.storage.snapshot import SnapshotStore
+from memcluster.storage.snapshot import FileWriter, SnapshotStore
 from memcluster.storage.wal import FileWal
 
 log = logging.getLogger("memcluster.host")
@@ -389,12 +389,19 @@ class ShardHost:
 
     # -- taking a shard over (target side) -----------------------------------------------------
 
+    def staging_dir(self) -> Path:
+        """A new empty directory for the files of an incoming transfer (same filesystem as
+        the shards, so they move into place; emptied at restart)."""
+        path = self.root / ".transfers" / f"in-{uuid.uuid4().hex}"
+        path.mkdir(parents=True)
+        return path
+
     def install_snapshot(
         self,
         shard_id: ShardId,
         config: CollectionConfig | None,
         seq: int,
-        files: Mapping[str, bytes],
+        files: Mapping[str, FileWriter],
     ) -> None:
         """Start an INCOMING copy of the shard from a transferred snapshot (replacing any
         leftover copy here); ``config`` is None for the coordination shard."""

@@ -68,7 +68,6 @@ from memcluster.core.types import (
     CollectionConfig,
     CollectionInfo,
     CollectionStats,
-    Event,
     Hit,
     Memory,
     Message,
@@ -527,7 +526,9 @@ class ClusterStore:
                 async for message in self.peers.stream(url, "topics.subscribe", body, Message):
                     yield message
 
-        return StreamReader(self.loop, open_stream, cursor, lambda m: m.cursor)
+        return StreamReader(
+            self.loop, open_stream, cursor, lambda m: m.cursor, what=f"topic {topic!r} stream"
+        )
 
     def _coordination_seq(self) -> int:
         """The coordination shard's applied seq (where "now" is for a new topic reader)."""
@@ -543,6 +544,10 @@ class ClusterStore:
             wire.ShardStats,
         )
         return replies[0].stats[0]["last_seq"]
+
+
+def _key(memory: Memory) -> tuple[tuple[str, ...], str]:
+    return memory.namespace, memory.key
 
 
 def _wait(timeout_s: object) -> float:
@@ -877,7 +882,11 @@ class ClusterCollection:
             ),
             wire.ShardItems,
         )
-        items = sorted((m for r in replies for m in r.items), key=lambda m: (m.namespace, m.key))
+        items = sorted(
+            (m for r in replies for m in r.items), key=lambda m: (m.namespace, m.key, -m.updated_at)
+        )
+        if not self._sharder.keyed:  # a memory mid-move may have two copies: list the newest
+            items = [m for i, m in enumerate(items) if i == 0 or _key(items[i - 1]) != _key(m)]
         more = len(items) > limit
         items = items[:limit]
         next_cursor = _encode_cursor((items[-1].namespace, items[-1].key)) if more else None
@@ -930,37 +939,54 @@ class ClusterCollection:
         include_vectors: bool = False,
     ) -> MergedFeed:
         """The change feed, read from every shard's node and merged (see
-        :mod:`memcluster.query.feeds`); resumable from any event's cursor across moves."""
+        :mod:`memcluster.query.feeds`); resumable from any event's cursor across moves, and
+        following the shards a range split appends."""
         prefix, flt = self._scope(namespace, filter)
-        cursor = cursor if cursor is not None else self.feed_cursor()
-        positions = decode_cursor(cursor, self.name, self.config.shards)
-        store = self._store
-        merged = MergedFeed(self.name, positions)
-        for n in self._all():
+        store, name = self._store, self.name
 
-            async def open_stream(at: str | None, n: int = n) -> AsyncIterator[Event]:
+        def shard_count() -> int:
+            config = store.map.current.collections.get(name)
+            return self.config.shards if config is None else max(config.shards, self.config.shards)
+
+        cursor = cursor if cursor is not None else self.feed_cursor()
+        positions = decode_cursor(cursor, name, shard_count())
+
+        def open_shard(n: int, position: int) -> StreamReader:
+            def shard_cursor(seq: int) -> str:
+                # Shard n's stream reads only its own position; naming no later shard keeps
+                # the cursor valid at a node that has not seen a split yet.
+                return encode_cursor(name, [0] * n + [seq])
+
+            async def open_stream(at: str | None) -> AsyncIterator[wire.ShardFeedItem]:
                 body = wire.ShardSubscribe(
-                    collection=self.name,
+                    collection=name,
                     shard=n,
-                    cursor=at or cursor,
+                    cursor=at if at is not None else shard_cursor(position),
                     namespace=prefix,
                     filter=flt,
                     include_vectors=include_vectors,
                 )
                 snap = store.map.current
-                owner = snap.owner(self.name, n)
+                owner = snap.owner(name, n)
                 if owner is None or owner not in snap.nodes:
-                    raise ShardUnavailable(f"shard {self.name}/{n:04d}: its node {owner} is not up")
+                    raise ShardUnavailable(f"shard {name}/{n:04d}: its node {owner} is not up")
                 if owner == store.node_id:
                     stream = store.dp.subscribe(body)
                 else:
                     url = snap.nodes[owner].peer_url
-                    stream = store.peers.stream(url, "shard.subscribe", body, Event)
-                async for event in stream:
-                    yield event
+                    stream = store.peers.stream(url, "shard.subscribe", body, wire.ShardFeedItem)
+                async for item in stream:
+                    yield item
 
-            merged.add(StreamReader(store.loop, open_stream, cursor, lambda e: e.cursor))
-        return merged
+            return StreamReader(
+                store.loop,
+                open_stream,
+                shard_cursor(position),
+                lambda item: shard_cursor(item.position),
+                what=f"change feed of shard {name}/{n:04d}",
+            )
+
+        return MergedFeed(name, positions, open_shard, shard_count)
 
 
 __all__ = ["ClusterCollection", "ClusterStore", "MemclusterError"]
