@@ -44,9 +44,9 @@ import numpy as np
 import numpy.typing as npt
 
 from memcluster.cluster import wire
-from memcluster.cluster.coordinator import Compare, Coordinator, Delete, Put
+from memcluster.cluster.coordinator import Compare, Coordinator, Delete, Op, Put
 from memcluster.cluster.dataplane import DataPlane, Peers, follow_local
-from memcluster.cluster.keys import COORDINATION, collection_key, encode, shard_key
+from memcluster.cluster.keys import COORDINATION, collection_key, encode, shards_prefix
 from memcluster.cluster.shardmap import ShardMap, Snapshot
 from memcluster.core import api, validation
 from memcluster.core.api import OPERATIONS, Consistency
@@ -286,7 +286,7 @@ class ClusterStore:
         return sorted(self.map.current.collections)
 
     def drop_collection(self, name: str) -> None:
-        config = self.collection(name)
+        self.collection(name)  # CollectionNotFound, with its hint
         cluster = self.map.cluster
         key = collection_key(cluster, name)
 
@@ -294,9 +294,9 @@ class ClusterStore:
             kv = await self.coord.get(key)
             if kv is None:
                 return False
-            ops = [Delete(key)] + [
-                Delete(shard_key(cluster, name, n)) for n in range(config.config.shards)
-            ]
+            # Every shard key etcd has (a split may have added some since our map was read).
+            shards, _ = await self.coord.get_prefix(shards_prefix(cluster, name))
+            ops: list[Op] = [Delete(key), *(Delete(s.key) for s in shards)]
             return await self.coord.txn([Compare(key, kv.mod_revision)], ops)
 
         if not self._await(drop()):
