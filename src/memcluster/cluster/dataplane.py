@@ -1,8 +1,8 @@
 """A node's data plane: the node-to-node operations it serves, its connections to the other
 nodes, the shard moves it carries out, and keeping its shards in line with the shard map.
 
-* :class:`Peers` keeps one binary-protocol connection per other node, reconnecting on use
-  after a loss.
+* :class:`Peers` keeps one binary-protocol connection per other node for requests,
+  reconnecting on use after a loss, and opens one per subscription stream.
 * :class:`DataPlane` serves the operations of :mod:`memcluster.cluster.wire` from the node's
   :class:`~memcluster.cluster.host.ShardHost`, and follows the shard map: it opens the shards
   the map gives this node, activates the ones moved here, and drops the ones moved away.
@@ -80,9 +80,9 @@ def _move_file(source: Path, target: Path) -> None:
 
 
 class Peers:
-    """One binary connection per peer endpoint (``mc://HOST:PORT``), opened on first use,
-    and another for its streams (a slow stream must not hold up requests). Use from the
-    event loop only."""
+    """One shared binary connection per peer endpoint (``mc://HOST:PORT``) for requests,
+    opened on first use, and one connection per stream (a slow subscriber must hold up
+    nothing else). Use from the event loop only."""
 
     def __init__(self, *, api_key: str | None = None, max_frame_bytes: int) -> None:
         self._conns: dict[str, Connection] = {}

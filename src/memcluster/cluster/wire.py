@@ -177,8 +177,9 @@ class Pull(msgspec.Struct, kw_only=True):
 
 
 class ShardSubscribe(msgspec.Struct, kw_only=True):
-    """A stream of one shard's change-feed events from ``cursor`` (the collection's cursor:
-    a seq per shard, of which this node reads shard ``shard``)."""
+    """A stream of one shard's change feed from ``cursor`` (the collection's cursor: a seq
+    per shard, of which this node reads shard ``shard``), as :class:`ShardFeedItem` items:
+    the events, and how far the shard was read when nothing matched."""
 
     collection: str
     shard: int

@@ -97,16 +97,12 @@ class StreamReader:
         self._lock = threading.Lock()
         self._listeners: set[Callable[[], None]] = set()
         self._error: MemclusterError | None = None
-        self.opened = 0
-        """How many times the stream was opened (for tests and stats)."""
         self._task = asyncio.run_coroutine_threadsafe(self._pump(), loop)
 
     async def _pump(self) -> None:
-        broken_since: float | None = None
-        """When the current run of failed attempts began (None: the stream is healthy)."""
+        broken_since: float | None = None  # when this run of failed attempts began
         while True:
             opened = self._clock.monotonic()
-            self.opened += 1
             problem: MemclusterError
             try:
                 async with contextlib.aclosing(self._open(self._cursor)) as items:  # type: ignore[type-var]

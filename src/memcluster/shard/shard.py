@@ -436,7 +436,7 @@ class Shard:
             for namespace, key, version in items:
                 slot = self._keys.get((namespace, key))
                 if slot is not None and int(self._version[slot]) == version:
-                    ops.append(DeleteOp(namespace, key, DeleteReason.USER))
+                    ops.append(DeleteOp(namespace, key, DeleteReason.MOVED))
             if not ops:
                 return 0
             token = self._write(Record(self.applied_seq + 1, now, ops))
@@ -453,7 +453,9 @@ class Shard:
             present = [k for k in keys if k in self._keys]
             now = self._clock.time()
             for start in range(0, len(present), step):
-                ops: list[Op] = [DeleteOp(ns, key) for ns, key in present[start : start + step]]
+                ops: list[Op] = [
+                    DeleteOp(ns, key, DeleteReason.MOVED) for ns, key in present[start : start + step]
+                ]
                 token = self._write(Record(self.applied_seq + 1, now, ops))
         if token >= 0:
             self._wal.sync(token)
