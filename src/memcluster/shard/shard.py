@@ -454,7 +454,8 @@ class Shard:
             now = self._clock.time()
             for start in range(0, len(present), step):
                 ops: list[Op] = [
-                    DeleteOp(ns, key, DeleteReason.MOVED) for ns, key in present[start : start + step]
+                    DeleteOp(ns, key, DeleteReason.MOVED)
+                    for ns, key in present[start : start + step]
                 ]
                 token = self._write(Record(self.applied_seq + 1, now, ops))
         if token >= 0:

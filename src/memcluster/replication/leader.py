@@ -1,0 +1,437 @@
+"""Leader-follower replication of one shard, as a sans-IO state machine (DESIGN.md §6).
+
+This is the protocol core for issue 6 (not wired into the nodes yet). A :class:`Replica`
+takes events (a client write, a message, a tick, a new configuration from etcd) and returns
+actions (messages to send, replies to clients, configuration changes to propose to etcd). A
+thin driver does the I/O: asyncio and the binary protocol in production, the seeded simulator
+of ``tests/sim_replication.py`` in tests.
+
+The model (PacificA, Kafka's ISR):
+
+* **Configuration** (:class:`Config`) lives in etcd: epoch, leader, replicas, in-sync set, and
+  a ``version`` (etcd's mod revision) that every change is conditioned on. Only the leader
+  proposes in-sync changes; only the controller changes the epoch or the leader.
+* **The leader** gives each write the next sequence number, appends it to its log and sends
+  it to every follower. With ``ack="all"`` it answers the client once every replica of the
+  in-sync set has it; with ``"majority"``, once a majority of the replicas has it (in-sync
+  ones); with ``"leader"``, at once.
+* **A follower that does not acknowledge** within ``ack_timeout`` is removed from the in-sync
+  set by a proposal to etcd, and only once etcd accepted it are the writes it held up
+  acknowledged: the in-sync set always holds every acknowledged write.
+* **Epochs fence.** Every message carries the sender's epoch; a replica ignores a lower one
+  and adopts a higher one. A follower accepts entries only from the leader of its epoch, and
+  truncates a suffix that does not match the leader's log (entries of an old leader that
+  were never acknowledged).
+* **Failover** is the controller's (:func:`failover`): once the old leader's etcd lease has
+  expired, it asks the in-sync replicas for their last entry, promotes the one with the
+  highest, and raises the epoch. A replica that answered has adopted the new epoch, so the
+  old leader can no longer collect the acknowledgements it needs.
+* **A follower behind** (restarted, or just added) is sent the entries it lacks; once it has
+  everything, the leader proposes it back into the in-sync set.
+
+Sequence numbers start at 1; an entry is ``(seq, epoch, payload)``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+import msgspec
+
+BATCH_ENTRIES = 256
+"""Most entries in one Append (a follower far behind catches up over several)."""
+
+
+class Ack(enum.StrEnum):
+    ALL = "all"
+    MAJORITY = "majority"
+    LEADER = "leader"
+
+
+class Entry(msgspec.Struct, frozen=True, array_like=True):
+    seq: int
+    epoch: int
+    payload: bytes
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    """A shard's replica-set configuration, as etcd holds it."""
+
+    version: int
+    """Raised by every change (etcd's mod revision): proposals are conditioned on it."""
+    epoch: int
+    leader: str | None
+    replicas: tuple[str, ...]
+    in_sync: tuple[str, ...]
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+class Append(msgspec.Struct, frozen=True, kw_only=True):
+    """Leader to follower: entries after ``prev`` (``(seq, epoch)`` of the entry before them;
+    ``(0, 0)``: the start of the log). Empty entries: a heartbeat / probe."""
+
+    epoch: int
+    leader: str
+    prev: tuple[int, int]
+    entries: tuple[Entry, ...]
+    leader_last: int
+    """The leader's last seq: a follower's entries beyond it (an old leader's, never
+    acknowledged) are dropped once it has caught up to it."""
+
+
+class AppendAck(msgspec.Struct, frozen=True, kw_only=True):
+    """Follower to leader: ``ok`` with its last seq, or not ``ok`` with the seq up to which
+    its log may match (the leader then resends from there)."""
+
+    epoch: int
+    node: str
+    ok: bool
+    last_seq: int
+
+
+class StatusRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Controller to replica, during a failover: adopt ``epoch`` and say how far you are."""
+
+    epoch: int
+
+
+class Status(msgspec.Struct, frozen=True, kw_only=True):
+    node: str
+    epoch: int
+    last: tuple[int, int]
+    """(seq, epoch) of the replica's last entry."""
+
+
+Message = Append | AppendAck | StatusRequest | Status
+
+
+# -- events and actions --------------------------------------------------------------------
+
+
+class Write(msgspec.Struct, frozen=True):
+    request: int
+    payload: bytes
+
+
+class Receive(msgspec.Struct, frozen=True):
+    sender: str
+    message: Message
+
+
+class Tick(msgspec.Struct, frozen=True):
+    now: float
+
+
+class ConfigUpdate(msgspec.Struct, frozen=True):
+    config: Config
+
+
+Event = Write | Receive | Tick | ConfigUpdate
+
+
+class Send(msgspec.Struct, frozen=True):
+    to: str
+    message: Message
+
+
+class Reply(msgspec.Struct, frozen=True):
+    request: int
+    seq: int
+    """The write's sequence number; 0 when it failed (``error`` says why)."""
+    error: str = ""
+
+
+class Propose(msgspec.Struct, frozen=True):
+    """Ask etcd to replace configuration ``expected`` (by version) with ``config``."""
+
+    expected: int
+    config: Config
+
+
+Action = Send | Reply | Propose
+
+
+# -- the replica ---------------------------------------------------------------------------
+
+
+class Replica:
+    """One replica of one shard on one node. Its ``log`` and ``epoch`` are its durable
+    state (the driver persists them before acting on the returned actions); everything else
+    is rebuilt after a restart."""
+
+    def __init__(
+        self,
+        node: str,
+        config: Config,
+        *,
+        ack: Ack = Ack.ALL,
+        ack_timeout: float = 1.0,
+        in_sync_rule: bool = True,
+        fencing: bool = True,
+        log: Sequence[Entry] = (),
+        epoch: int = 0,
+    ) -> None:
+        self.node = node
+        self.ack = ack
+        self.ack_timeout = ack_timeout
+        self.in_sync_rule = in_sync_rule
+        """False only in tests: acknowledge without waiting for slow in-sync followers (the
+        simulator must then find a lost write)."""
+        self.fencing = fencing
+        """False only in tests: accept messages of a lower epoch (the simulator must then
+        find a lost write)."""
+        self.log: list[Entry] = list(log)
+        self.epoch = max(epoch, config.epoch)
+        self.config = config
+        self.now = 0.0
+        self._pending: dict[int, int] = {}  # request -> seq
+        self._acked: dict[str, int] = {}  # follower -> highest seq it acknowledged
+        self._sent: dict[str, int] = {}  # follower -> highest seq sent to it
+        self._waiting_since: dict[str, float] = {}  # follower -> since when it holds us up
+        self._proposed: int | None = None  # config version a proposal is based on
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @property
+    def last(self) -> tuple[int, int]:
+        return (self.log[-1].seq, self.log[-1].epoch) if self.log else (0, 0)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.config.leader == self.node and self.config.epoch == self.epoch
+
+    def _entry(self, seq: int) -> Entry | None:
+        return self.log[seq - 1] if 0 < seq <= len(self.log) else None
+
+    def _followers(self) -> list[str]:
+        return [n for n in self.config.replicas if n != self.node]
+
+    def _has(self, node: str) -> int:
+        return self.last[0] if node == self.node else self._acked.get(node, 0)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        match event:
+            case Write():
+                return self._write(event)
+            case Receive():
+                return self._receive(event.sender, event.message)
+            case Tick():
+                self.now = event.now
+                return self._tick()
+            case ConfigUpdate():
+                return self._config(event.config)
+        raise AssertionError(event)  # pragma: no cover
+
+    def _write(self, w: Write) -> list[Action]:
+        if not self.is_leader:
+            return [Reply(w.request, 0, f"not the leader of epoch {self.config.epoch}")]
+        entry = Entry(self.last[0] + 1, self.epoch, w.payload)
+        self.log.append(entry)
+        self._pending[w.request] = entry.seq
+        for f in self._followers():
+            self._waiting_since.setdefault(f, self.now)
+        return self._replicate() + self._answer()
+
+    def _replicate(self, probe: bool = False) -> list[Action]:
+        """Send each follower the next entries it lacks, unless they are in flight already;
+        ``probe`` (on a tick): resend to a follower that is behind, in case it was lost."""
+        out: list[Action] = []
+        for f in self._followers():
+            start = self._acked.get(f, 0)
+            if start >= self.last[0]:
+                continue  # it has everything
+            in_flight = self._sent.get(f, 0) > start
+            if in_flight and not probe:
+                continue
+            prev = self._entry(start)
+            batch = tuple(self.log[start : start + BATCH_ENTRIES])
+            out.append(
+                Send(
+                    f,
+                    Append(
+                        epoch=self.epoch,
+                        leader=self.node,
+                        prev=(start, prev.epoch if prev else 0),
+                        entries=batch,
+                        leader_last=self.last[0],
+                    ),
+                )
+            )
+            self._sent[f] = start + len(batch)
+        return out
+
+    def _needed(self) -> int:
+        """The highest seq whose writes may be acknowledged now."""
+        if self.ack is Ack.LEADER:
+            return self.last[0]
+        in_sync = [n for n in self.config.in_sync if n in self.config.replicas]
+        if self.ack is Ack.ALL:
+            if not self.in_sync_rule:
+                return self.last[0]  # the deliberately broken rule the simulator must catch
+            return min((self._has(n) for n in in_sync), default=0)
+        # Majority: of the replicas, counting only in-sync ones (an out-of-sync replica may
+        # lack earlier writes, so its copy of a later one proves nothing).
+        counted = sorted((self._has(n) for n in in_sync), reverse=True)
+        majority = len(self.config.replicas) // 2 + 1
+        return counted[majority - 1] if len(counted) >= majority else 0
+
+    def _answer(self) -> list[Action]:
+        if not self.is_leader:
+            return []
+        upto = self._needed()
+        done = sorted((seq, r) for r, seq in self._pending.items() if seq <= upto)
+        for _, r in done:
+            del self._pending[r]
+        return [Reply(r, seq) for seq, r in done]
+
+    def _receive(self, sender: str, m: Message) -> list[Action]:
+        if isinstance(m, StatusRequest):
+            if m.epoch > self.epoch:
+                self._step_down(m.epoch)
+            return [Send(sender, Status(node=self.node, epoch=self.epoch, last=self.last))]
+        if isinstance(m, Status):
+            return []
+        if not self.fencing:  # (tests only) epochs ignored both ways
+            return self._append(sender, m) if isinstance(m, Append) else self._ack(m)
+        if m.epoch < self.epoch:
+            return []  # fenced: an old leader's (or an old follower's) message
+        if m.epoch > self.epoch:
+            self._step_down(m.epoch)
+        if isinstance(m, Append):
+            return self._append(sender, m)
+        return self._ack(m)
+
+    def _step_down(self, epoch: int) -> None:
+        """A newer epoch exists: whatever this replica led is over."""
+        self.epoch = epoch
+        self._pending.clear()  # the driver fails those requests (see ``failed_requests``)
+        self._acked.clear()
+        self._sent.clear()
+        self._waiting_since.clear()
+
+    def _append(self, sender: str, m: Append) -> list[Action]:
+        if (
+            self.fencing
+            and self.config.epoch == m.epoch
+            and self.config.leader
+            not in (
+                None,
+                m.leader,
+            )
+        ):
+            return []  # not the leader of this epoch by our config
+        prev_seq, prev_epoch = m.prev
+        mine = self._entry(prev_seq)
+        if prev_seq > 0 and (mine is None or mine.epoch != prev_epoch):
+            # Our log does not match there: ask for an earlier start.
+            hint = min(prev_seq - 1, self.last[0])
+            return [
+                Send(sender, AppendAck(epoch=self.epoch, node=self.node, ok=False, last_seq=hint))
+            ]
+        for entry in m.entries:
+            have = self._entry(entry.seq)
+            if have is not None and have.epoch != entry.epoch:
+                del self.log[entry.seq - 1 :]  # a divergent suffix of an old leader
+                have = None
+            if have is None:
+                assert entry.seq == self.last[0] + 1, (entry.seq, self.last)
+                self.log.append(entry)
+        last = prev_seq + len(m.entries)
+        after = self._entry(last + 1)
+        if last >= m.leader_last and after is not None and after.epoch < m.epoch:
+            # An older leader's suffix that this epoch's leader does not have (its own
+            # entries, of this epoch, may already be here from a newer message: kept).
+            del self.log[last:]
+        return [Send(sender, AppendAck(epoch=self.epoch, node=self.node, ok=True, last_seq=last))]
+
+    def _ack(self, m: AppendAck) -> list[Action]:
+        if not self.is_leader:
+            return []
+        if not m.ok:  # its log differs: resend from where it may match
+            self._acked[m.node] = min(self._acked.get(m.node, 0), m.last_seq)
+            self._sent[m.node] = 0
+            return self._replicate()
+        self._acked[m.node] = max(self._acked.get(m.node, 0), m.last_seq)
+        if self._acked[m.node] >= self.last[0]:
+            self._waiting_since.pop(m.node, None)
+        else:
+            self._waiting_since[m.node] = self.now
+        out: list[Action] = []
+        if (
+            m.node not in self.config.in_sync
+            and m.node in self.config.replicas
+            and self._acked[m.node] >= self.last[0]
+            and self._proposed is None
+        ):
+            out.append(self._propose(in_sync=(*self.config.in_sync, m.node)))
+        return out + self._replicate() + self._answer()
+
+    def _propose(self, *, in_sync: tuple[str, ...]) -> Propose:
+        self._proposed = self.config.version
+        new = msgspec.structs.replace(self.config, version=self.config.version + 1, in_sync=in_sync)
+        return Propose(self.config.version, new)
+
+    def _tick(self) -> list[Action]:
+        if not self.is_leader:
+            return []
+        out: list[Action] = []
+        late = [
+            f
+            for f, since in self._waiting_since.items()
+            if f in self.config.in_sync and self.now - since > self.ack_timeout
+        ]
+        if late and self._proposed is None and self.in_sync_rule:
+            keep = tuple(n for n in self.config.in_sync if n not in late)
+            # Under majority acknowledgements the in-sync set never shrinks below a majority:
+            # writes need one, and so does choosing the next leader.
+            if self.ack is not Ack.MAJORITY or len(keep) >= len(self.config.replicas) // 2 + 1:
+                out.append(self._propose(in_sync=keep))
+        return out + self._replicate(probe=True) + self._answer()
+
+    def _config(self, config: Config) -> list[Action]:
+        if config.version < self.config.version:
+            return []
+        self.config = config
+        self._proposed = None
+        if config.epoch > self.epoch:
+            self._step_down(config.epoch)
+        if not self.is_leader:
+            return []
+        return self._replicate() + self._answer()
+
+    def pending(self) -> dict[int, int]:
+        """Client requests waiting for acknowledgement: request -> seq."""
+        return dict(self._pending)
+
+
+def failover(config: Config, statuses: Sequence[Status], ack: Ack = Ack.ALL) -> Config:
+    """The controller's next configuration once the leader's lease has expired (or the shard
+    has no leader): epoch + 1, led by the in-sync replica with the highest last entry.
+
+    ``statuses`` come from the replicas that adopted the new epoch
+    (``StatusRequest(epoch=config.epoch + 1)``); having adopted it, they no longer accept
+    anything from the old leader, which may answer too (it is then alive and fenced). The new
+    epoch is written even when no leader can be chosen safely (``leader=None``: the shard
+    waits, and the controller tries again), so that replicas which adopted it are not left
+    ahead of etcd. No leader is chosen when no in-sync replica answered or, under ``majority``
+    acknowledgements, when fewer in-sync replicas answered than it takes to meet every
+    majority (an acknowledged write may be on just one of them)."""
+    answered = {s.node for s in statuses if s.node in config.in_sync}
+    candidates = [s for s in statuses if s.node in answered]
+    enough = bool(candidates)
+    if ack is Ack.MAJORITY:
+        majority = len(config.replicas) // 2 + 1
+        enough = enough and len(answered) >= len(config.replicas) - majority + 1
+    leader = max(candidates, key=lambda s: (s.last[1], s.last[0], s.node)).node if enough else None
+    return msgspec.structs.replace(
+        config,
+        version=config.version + 1,
+        epoch=config.epoch + 1,
+        leader=leader,
+        in_sync=tuple(n for n in config.in_sync if n in answered) if leader else config.in_sync,
+    )

@@ -1,0 +1,291 @@
+"""A seeded simulation of leader-follower replication (``replication/leader.py``).
+
+Three replicas, a linearizable configuration store standing in for etcd (compare-and-set,
+node leases on a virtual clock), a controller that fails over once a leader's lease has
+expired, clients writing to the leader they last heard of, and a network that drops, delays
+and duplicates messages. Faults: crashes with restarts (the log and epoch survive, the rest
+does not), partitions between nodes, and nodes (often the leader) cut off from etcd. After
+the faults the network heals and the run settles. A failing seed replays exactly
+(``MEMCLUSTER_SEED``).
+
+Invariants: no acknowledged write is ever missing from a later leader's log (checked at
+every failover) and, once settled, there is a leader and every in-sync replica's log equals
+its log. Runs with the in-sync rule or epoch fencing disabled must break them for some seed,
+or the checks mean nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from memcluster.replication.leader import (
+    Ack,
+    Action,
+    Config,
+    ConfigUpdate,
+    Event,
+    Message,
+    Propose,
+    Receive,
+    Replica,
+    Reply,
+    Send,
+    Status,
+    StatusRequest,
+    Tick,
+    Write,
+    failover,
+)
+
+NODES = ("a", "b", "c")
+LEASE_TTL = 2.0
+TICK = 0.05
+RUNS = 100
+
+
+class Violation(AssertionError):
+    pass
+
+
+@dataclass(order=True)
+class _Item:
+    time: float
+    order: int
+    what: tuple[object, ...] = field(compare=False)
+
+
+class Sim:
+    def __init__(
+        self, seed: int, *, ack: Ack = Ack.ALL, in_sync_rule: bool = True, fencing: bool = True
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.queue: list[_Item] = []
+        self.counter = itertools.count()
+        self.config = Config(version=1, epoch=1, leader="a", replicas=NODES, in_sync=NODES)
+        self.ack = ack
+        self.in_sync_rule = in_sync_rule
+        self.fencing = fencing
+        self.replicas = {n: self._replica(n, [], 0) for n in NODES}
+        self.up = set(NODES)
+        self.cut: set[frozenset[str]] = set()  # node pairs that cannot talk
+        self.off_etcd: set[str] = set()
+        self.renewed = dict.fromkeys(NODES, 0.0)
+        self.acked: dict[int, bytes] = {}  # seq -> payload acknowledged to a client
+        self.requests = itertools.count(1)
+        self.payloads: dict[int, bytes] = {}
+        self.statuses: list[Status] = []
+        self.failing_over: int | None = None
+        self.known_leader: str | None = None
+
+    def _replica(self, node: str, log: list, epoch: int) -> Replica:  # type: ignore[type-arg]
+        return Replica(
+            node,
+            self.config,
+            ack=self.ack,
+            ack_timeout=0.3,
+            in_sync_rule=self.in_sync_rule,
+            fencing=self.fencing,
+            log=log,
+            epoch=epoch,
+        )
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def at(self, delay: float, *what: object) -> None:
+        heapq.heappush(self.queue, _Item(self.now + delay, next(self.counter), what))
+
+    def deliver(self, node: str, event: Event) -> None:
+        if node not in self.up:
+            return
+        self.act(node, self.replicas[node].handle(event))
+
+    def act(self, node: str, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self.send(node, action.to, action.message)
+            elif isinstance(action, Reply):
+                if action.error == "":
+                    if (
+                        action.seq in self.acked
+                        and self.acked[action.seq] != self.payloads[action.request]
+                    ):
+                        raise Violation(f"seq {action.seq} acknowledged twice, differently")
+                    self.acked[action.seq] = self.payloads[action.request]
+            elif isinstance(action, Propose):
+                if node in self.off_etcd:
+                    continue  # cannot reach etcd: the proposal is lost
+                if action.expected == self.config.version and action.config.epoch == (
+                    self.config.epoch
+                ):
+                    self.set_config(action.config)
+
+    def send(self, sender: str, to: str, message: Message) -> None:
+        if frozenset((sender, to)) in self.cut or self.rng.random() < 0.05:
+            return
+        copies = 2 if self.rng.random() < 0.03 else 1
+        for _ in range(copies):
+            self.at(self.rng.uniform(0.001, 0.04), "msg", sender, to, message)
+
+    def set_config(self, config: Config) -> None:
+        self.config = config
+        for n in NODES:
+            if n not in self.off_etcd:
+                self.at(0.001, "config", n, config)
+
+    # -- the controller (failover once the leader's lease expired) --------------------------
+
+    def control(self) -> None:
+        for n in NODES:
+            if n in self.up and n not in self.off_etcd:
+                self.renewed[n] = self.now
+                if self.replicas[n].config.version < self.config.version:
+                    self.deliver(n, ConfigUpdate(self.config))  # its watch catches up
+        leader = self.config.leader
+        if self.failing_over is not None:
+            return
+        if leader is None or self.now - self.renewed[leader] > LEASE_TTL:
+            self.failing_over = self.config.epoch + 1
+            self.statuses = []
+            for n in self.config.replicas:
+                self.send("controller", n, StatusRequest(epoch=self.failing_over))
+            self.at(0.3, "decide")
+
+    def decide(self) -> None:
+        new = failover(self.config, self.statuses, self.ack)
+        self.failing_over = None
+        if new.leader is not None:
+            log = self.replicas[new.leader].log
+            for seq, payload in self.acked.items():  # the invariant that matters
+                if seq > len(log) or log[seq - 1].payload != payload:
+                    raise Violation(
+                        f"acknowledged write {seq} is not in new leader {new.leader}'s log"
+                    )
+        self.set_config(new)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self, until: float, faults: bool = True) -> None:
+        self.at(0.0, "tick")
+        while self.queue and self.queue[0].time <= until:
+            item = heapq.heappop(self.queue)
+            self.now = item.time
+            kind, *rest = item.what
+            if kind == "tick":
+                self.control()
+                for n in NODES:
+                    self.deliver(n, Tick(self.now))
+                if faults:
+                    self.fault()
+                    self.client()
+                self.at(TICK, "tick")
+            elif kind == "msg":
+                sender, to, message = rest
+                if to == "controller":
+                    if isinstance(message, Status) and message.epoch == self.failing_over:
+                        self.statuses.append(message)
+                elif frozenset((sender, to)) not in self.cut:
+                    self.deliver(str(to), Receive(str(sender), message))  # type: ignore[arg-type]
+            elif kind == "config":
+                node, config = rest
+                self.deliver(str(node), ConfigUpdate(config))  # type: ignore[arg-type]
+            elif kind == "decide":
+                self.decide()
+            elif kind == "restart":
+                self.restart(str(rest[0]))
+
+    def client(self) -> None:
+        # Clients learn the leader late (a cached route), so they also write to old leaders.
+        if self.known_leader is None or self.rng.random() < 0.1:
+            self.known_leader = self.config.leader
+        leader = self.known_leader
+        if leader is None or self.rng.random() < 0.3:
+            return
+        request = next(self.requests)
+        payload = f"w{request}".encode()
+        self.payloads[request] = payload
+        self.deliver(leader, Write(request, payload))
+
+    def fault(self) -> None:
+        r = self.rng.random()
+        if r < 0.004 and len(self.up) == 3:
+            victim = self.rng.choice(NODES)
+            self.up.discard(victim)
+            self.at(self.rng.uniform(0.5, 4.0), "restart", victim)
+        elif r < 0.008:
+            pair = frozenset(self.rng.sample(NODES, 2))
+            self.cut.add(pair)
+        elif r < 0.016:
+            self.off_etcd.add(self.config.leader or self.rng.choice(NODES))  # the worst case
+        elif r < 0.03:
+            self.cut.clear()
+            self.off_etcd.clear()
+
+    def restart(self, node: str) -> None:
+        """The node comes back with its durable state (log, epoch) and etcd's config."""
+        if node in self.up:
+            return
+        old = self.replicas[node]
+        self.replicas[node] = self._replica(node, list(old.log), old.epoch)
+        self.up.add(node)
+        self.deliver(node, ConfigUpdate(self.config))
+
+    def settle(self) -> None:
+        """Heal everything, let replication finish, and check the replicas agree."""
+        self.cut.clear()
+        self.off_etcd.clear()
+        for n in NODES:
+            self.restart(n)
+        self.run(self.now + 15.0, faults=False)
+        leader = self.config.leader
+        if leader is None:
+            raise Violation("no leader after the network healed")
+        log = [(e.seq, e.payload) for e in self.replicas[leader].log]
+        for seq, payload in self.acked.items():
+            if seq > len(log) or log[seq - 1][1] != payload:
+                raise Violation(f"acknowledged write {seq} missing from the final leader")
+        for n in self.config.in_sync:
+            theirs = [(e.seq, e.payload) for e in self.replicas[n].log]
+            if theirs != log:
+                raise Violation(f"in-sync replica {n} differs from leader {leader}")
+
+
+def _simulate(seed: int, **options: object) -> Sim:
+    sim = Sim(seed, **options)  # type: ignore[arg-type]
+    sim.run(40.0)
+    sim.settle()
+    return sim
+
+
+@pytest.mark.parametrize("ack", [Ack.ALL, Ack.MAJORITY])
+def test_no_acknowledged_write_is_lost_across_failovers(ack: Ack, seed: int) -> None:
+    failovers = 0
+    for i in range(RUNS):
+        run_seed = seed + i
+        try:
+            sim = _simulate(run_seed, ack=ack)
+        except Violation as exc:
+            raise AssertionError(f"seed {run_seed}: {exc}") from exc
+        failovers += sim.config.epoch - 1
+        assert sim.acked, f"seed {run_seed}: nothing was acknowledged"
+    print(f"{failovers} failovers over {RUNS} runs")
+    assert failovers > 0  # the faults did force leaders out
+
+
+@pytest.mark.parametrize("broken", ["in_sync_rule", "fencing"])
+def test_the_checks_catch_a_broken_rule(broken: str, seed: int) -> None:
+    """Acknowledging without the slow in-sync followers, or followers obeying an old epoch's
+    leader, must lose an acknowledged write (or leave replicas apart) in some run."""
+    caught = 0
+    for i in range(2 * RUNS):
+        try:
+            _simulate(seed + i, **{broken: False})
+        except Violation:
+            caught += 1
+    print(f"{caught} of {2 * RUNS} runs caught the broken {broken}")
+    assert caught > 0
