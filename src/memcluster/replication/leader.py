@@ -309,7 +309,7 @@ class Replica:
     def _step_down(self, epoch: int) -> None:
         """A newer epoch exists: whatever this replica led is over."""
         self.epoch = epoch
-        self._pending.clear()  # the driver fails those requests (see ``failed_requests``)
+        self._pending.clear()  # never acknowledged: their clients time out and retry
         self._acked.clear()
         self._sent.clear()
         self._waiting_since.clear()
