@@ -289,3 +289,17 @@ def test_the_checks_catch_a_broken_rule(broken: str, seed: int) -> None:
             caught += 1
     print(f"{caught} of {2 * RUNS} runs caught the broken {broken}")
     assert caught > 0
+
+
+def test_leader_only_acknowledgement_can_lose_the_unreplicated_tail(seed: int) -> None:
+    """``ack="leader"`` answers before any follower has the write: the documented price is
+    that a failover may lose the tail the old leader had not replicated. The simulation
+    shows it does (so the guarantee of ``all`` and ``majority`` above is not free)."""
+    lost = 0
+    for i in range(RUNS):
+        try:
+            _simulate(seed + i, ack=Ack.LEADER)
+        except Violation:
+            lost += 1
+    print(f"{lost} of {RUNS} runs lost an acknowledged write under ack=leader")
+    assert lost > 0
