@@ -37,7 +37,6 @@ shows a move as a put in the new shard only: the old copy's delete is recorded w
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import logging
@@ -89,7 +88,12 @@ from memcluster.index.filters import Filter, compile_filter
 from memcluster.shard.coord import CoordShard
 from memcluster.shard.feed import FeedReader, TopicReader, encode_cursor
 from memcluster.shard.maintenance import Maintained, Maintainer
-from memcluster.shard.prepare import prepare_puts
+from memcluster.shard.prepare import (
+    decode_list_cursor,
+    encode_list_cursor,
+    payload_json,
+    prepare_puts,
+)
 from memcluster.shard.shard import Key, PreparedPut, Shard
 from memcluster.shard.sharding import Sharder, check_config, config_fields
 from memcluster.storage.files import fsync_path
@@ -282,7 +286,7 @@ class Database:
         Topics are durable: messages are kept like change-feed events
         (``feed_retention_events``), so a subscriber resumes from a cursor with no gap."""
         self._check_open()
-        return self._coord.publish(topic, _encode_payload(payload, self.config))
+        return self._coord.publish(topic, payload_json(payload, self.config))
 
     def subscribe(
         self,
@@ -562,18 +566,6 @@ class _LeaseReaper:
         return more
 
 
-def _encode_payload(payload: Any, config: Config) -> bytes:
-    try:
-        data = msgspec.json.encode(payload)
-    except (TypeError, msgspec.EncodeError) as exc:
-        raise InvalidArgument(f"payload is not JSON: {exc}") from None
-    if len(data) > config.metadata_bytes_max:
-        raise PayloadTooLarge(
-            f"payload is {len(data)} bytes of JSON; the limit is {config.metadata_bytes_max}"
-        )
-    return data
-
-
 def _newest(items: list[T], memory_of: Callable[[T], Memory]) -> list[T]:
     """``items`` with one per (namespace, key): the newest memory by ``updated_at`` (two
     copies exist only after a crash in the middle of a move, or in a read racing a move)."""
@@ -584,22 +576,6 @@ def _newest(items: list[T], memory_of: Callable[[T], Memory]) -> list[T]:
         if seen is None or memory_of(seen).updated_at < m.updated_at:
             best[(m.namespace, m.key)] = item
     return list(best.values()) if len(best) < len(items) else items
-
-
-def _encode_cursor(after: tuple[tuple[str, ...], str]) -> str:
-    return base64.urlsafe_b64encode(msgspec.msgpack.encode(after)).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[tuple[str, ...], str]:
-    try:
-        ns, key = msgspec.msgpack.decode(
-            base64.urlsafe_b64decode(cursor.encode()), type=tuple[tuple[str, ...], str]
-        )
-    except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
-        raise InvalidArgument(
-            "cursor is not valid: pass the next_cursor of a previous page unchanged"
-        ) from None
-    return ns, key
 
 
 class Collection:
@@ -997,7 +973,7 @@ class Collection:
         cfg = self._db.config
         validation.int_in_range("limit", limit, 1, cfg.list_limit_max)
         prefix, flt = self._scope(namespace, filter)
-        after = None if cursor is None else _decode_cursor(cursor)
+        after = None if cursor is None else decode_list_cursor(cursor)
         items: list[Memory] = []
         for i in self._sharder.search_shards(prefix, filter):
             items.extend(self._shards[i].list_page(prefix, flt, after, limit + 1))
@@ -1008,7 +984,7 @@ class Collection:
         items.sort(key=lambda m: (m.namespace, m.key))
         more = len(items) > limit
         items = items[:limit]
-        next_cursor = _encode_cursor((items[-1].namespace, items[-1].key)) if more else None
+        next_cursor = encode_list_cursor((items[-1].namespace, items[-1].key)) if more else None
         return Page(items=items, next_cursor=next_cursor)
 
     def iter(

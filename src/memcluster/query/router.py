@@ -32,7 +32,6 @@ while unchanged (see ``ClusterCollection._put_moving``).
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import time
 import uuid
@@ -77,29 +76,18 @@ from memcluster.core.types import (
 from memcluster.query.feeds import MergedFeed, StreamReader
 from memcluster.shard.coord import CoordShard
 from memcluster.shard.feed import TopicReader, decode_cursor, encode_cursor
-from memcluster.shard.prepare import prepare_puts
+from memcluster.shard.prepare import (
+    decode_list_cursor,
+    encode_list_cursor,
+    payload_json,
+    prepare_puts,
+)
 from memcluster.shard.sharding import Sharder, check_config
 
 T = TypeVar("T")
 
 ROUTE_DEADLINE_S = 15.0
 """How long a request keeps re-routing around moves and restarts before it fails."""
-
-
-def _encode_cursor(after: tuple[tuple[str, ...], str]) -> str:
-    return base64.urlsafe_b64encode(msgspec.msgpack.encode(after)).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[tuple[str, ...], str]:
-    try:
-        ns, key = msgspec.msgpack.decode(
-            base64.urlsafe_b64decode(cursor.encode()), type=tuple[tuple[str, ...], str]
-        )
-    except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
-        raise InvalidArgument(
-            "cursor is not valid: pass the next_cursor of a previous page unchanged"
-        ) from None
-    return ns, key
 
 
 class ClusterStore:
@@ -494,7 +482,7 @@ class ClusterStore:
         ).value
 
     def publish(self, topic: str, payload: Any) -> int:
-        data = _payload_json(payload, self.config)
+        data = payload_json(payload, self.config)
         return self._coordinate(
             "topics.publish",
             api.PublishBody(topic=topic, payload=payload),
@@ -552,18 +540,6 @@ def _key(memory: Memory) -> tuple[tuple[str, ...], str]:
 
 def _wait(timeout_s: object) -> float:
     return float(timeout_s) if isinstance(timeout_s, int | float) else 0.0
-
-
-def _payload_json(payload: Any, config: Config) -> bytes:
-    try:
-        data = msgspec.json.encode(payload)
-    except (TypeError, msgspec.EncodeError) as exc:
-        raise InvalidArgument(f"payload is not JSON: {exc}") from None
-    if len(data) > config.metadata_bytes_max:
-        raise PayloadTooLarge(
-            f"payload is {len(data)} bytes of JSON; the limit is {config.metadata_bytes_max}"
-        )
-    return data
 
 
 class ClusterCollection:
@@ -867,7 +843,7 @@ class ClusterCollection:
     ) -> Page:
         validation.int_in_range("limit", limit, 1, self._store.config.list_limit_max)
         prefix, flt = self._scope(namespace, filter)
-        after = None if cursor is None else _decode_cursor(cursor)
+        after = None if cursor is None else decode_list_cursor(cursor)
         replies, _ = self._store.scatter(
             self.name,
             self._sharder.search_shards(prefix, flt),
@@ -889,7 +865,7 @@ class ClusterCollection:
             items = [m for i, m in enumerate(items) if i == 0 or _key(items[i - 1]) != _key(m)]
         more = len(items) > limit
         items = items[:limit]
-        next_cursor = _encode_cursor((items[-1].namespace, items[-1].key)) if more else None
+        next_cursor = encode_list_cursor((items[-1].namespace, items[-1].key)) if more else None
         return Page(items=items, next_cursor=next_cursor)
 
     def describe(self) -> CollectionInfo:

@@ -8,14 +8,17 @@ say which memory is wrong.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from memcluster.core import validation
 from memcluster.core.config import Config
-from memcluster.core.errors import InvalidArgument
+from memcluster.core.errors import InvalidArgument, PayloadTooLarge
 from memcluster.core.types import CollectionConfig, Memory
 from memcluster.shard.shard import PreparedPut
 
@@ -54,3 +57,34 @@ def prepare_puts(
             )
         )
     return prepared, matrix
+
+
+def payload_json(payload: Any, config: Config) -> bytes:
+    """A topic message's payload as JSON bytes, checked against ``metadata_bytes_max``."""
+    try:
+        data = msgspec.json.encode(payload)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise InvalidArgument(f"payload is not JSON: {exc}") from None
+    if len(data) > config.metadata_bytes_max:
+        raise PayloadTooLarge(
+            f"payload is {len(data)} bytes of JSON; the limit is {config.metadata_bytes_max}"
+        )
+    return data
+
+
+def encode_list_cursor(after: tuple[tuple[str, ...], str]) -> str:
+    """The ``next_cursor`` of a list page: the last (namespace, key) it returned."""
+    return base64.urlsafe_b64encode(msgspec.msgpack.encode(after)).decode()
+
+
+def decode_list_cursor(cursor: str) -> tuple[tuple[str, ...], str]:
+    """The (namespace, key) a list page's cursor continues after; InvalidArgument if bad."""
+    try:
+        ns, key = msgspec.msgpack.decode(
+            base64.urlsafe_b64decode(cursor.encode()), type=tuple[tuple[str, ...], str]
+        )
+    except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
+        raise InvalidArgument(
+            "cursor is not valid: pass the next_cursor of a previous page unchanged"
+        ) from None
+    return ns, key
