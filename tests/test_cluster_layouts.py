@@ -281,6 +281,7 @@ def test_memories_moving_between_shards_are_never_lost(cluster: Cluster) -> None
     again = coll.get(("a",), "m0")
     assert again is not None
     assert again.metadata == {"t": moved_to}
+    assert again.version > current.version  # versions never go back across a move
     with pytest.raises(memcluster.VersionConflict):
         coll.put(("a",), "m0", vector=np.ones(4), metadata={"t": 3.0}, if_version=0)
     with pytest.raises(memcluster.VersionConflict):

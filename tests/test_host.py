@@ -225,3 +225,44 @@ def test_a_shard_refuses_writes_under_a_lower_fencing_token(tmp_path: Path) -> N
         again.put("m", {0: _memories(6, 1)}, None, ("L", 11))
     finally:
         again.close()
+
+
+def test_versions_of_memories_moving_in_continue_above_their_old_version(
+    tmp_path: Path,
+) -> None:
+    """A memory moving to a shard whose seqs are behind keeps counting up (a VersionOp): its
+    version never goes back, so an ``if_version`` read before a move cannot match after it.
+    The offset survives a snapshot and a WAL replay, and the transfer target gets it too."""
+    host = _host(tmp_path)
+    host.open(COLL, 0)
+    host.open(COLL, 1)
+    (v1,) = host.put("m", {1: _memories(0, 1)}, None, version_floors={1: 500})[1]
+    assert v1 > 500
+    (v2,) = host.put("m", {1: _memories(1, 1)}, None)[1]
+    assert v2 == v1 + 1  # later writes stay above
+    (v0,) = host.put("m", {0: _memories(2, 1)}, None, version_floors={0: 0})[0]
+    assert v0 == 1  # no floor needed: versions are seqs
+    (low,) = host.put("m", {1: _memories(3, 1)}, None, version_floors={1: 3})[1]
+    assert low == v2 + 1  # a floor below the shard's versions changes nothing
+    host.reader(("m", 1)).snapshot()
+    (v3,) = host.put("m", {1: _memories(4, 1)}, None, version_floors={1: 10_000})[1]
+    assert v3 > 10_000
+    before = _contents(host, 1)
+    host.close()
+    again = _host(tmp_path)
+    try:
+        again.reopen(("m", 1))
+        assert _contents(again, 1) == before
+        (v4,) = again.put("m", {1: _memories(5, 1)}, None)[1]
+        assert v4 == v3 + 1
+        again.reader(("m", 1)).validate()
+        target = _host(tmp_path / "target")
+        try:
+            _transfer(again, target, 1, threading.Event())
+            target.activate(("m", 1))
+            assert _contents(target, 1) == _contents(again, 1)
+            assert target.reader(("m", 1)).version_high == again.reader(("m", 1)).version_high
+        finally:
+            target.close()
+    finally:
+        again.close()

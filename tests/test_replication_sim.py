@@ -28,7 +28,9 @@ from memcluster.replication.leader import (
     Action,
     Config,
     ConfigUpdate,
+    Entry,
     Event,
+    MemoryLog,
     Message,
     Propose,
     Receive,
@@ -83,7 +85,7 @@ class Sim:
         self.failing_over: int | None = None
         self.known_leader: str | None = None
 
-    def _replica(self, node: str, log: list, epoch: int) -> Replica:  # type: ignore[type-arg]
+    def _replica(self, node: str, log: list[Entry], epoch: int) -> Replica:
         return Replica(
             node,
             self.config,
@@ -160,7 +162,7 @@ class Sim:
         new = failover(self.config, self.statuses, self.ack)
         self.failing_over = None
         if new.leader is not None:
-            log = self.replicas[new.leader].log
+            log = _entries(self.replicas[new.leader])
             for seq, payload in self.acked.items():  # the invariant that matters
                 if seq > len(log) or log[seq - 1].payload != payload:
                     raise Violation(
@@ -231,7 +233,7 @@ class Sim:
         if node in self.up:
             return
         old = self.replicas[node]
-        self.replicas[node] = self._replica(node, list(old.log), old.epoch)
+        self.replicas[node] = self._replica(node, _entries(old), old.epoch)
         self.up.add(node)
         self.deliver(node, ConfigUpdate(self.config))
 
@@ -245,14 +247,19 @@ class Sim:
         leader = self.config.leader
         if leader is None:
             raise Violation("no leader after the network healed")
-        log = [(e.seq, e.payload) for e in self.replicas[leader].log]
+        log = [(e.seq, e.payload) for e in _entries(self.replicas[leader])]
         for seq, payload in self.acked.items():
             if seq > len(log) or log[seq - 1][1] != payload:
                 raise Violation(f"acknowledged write {seq} missing from the final leader")
         for n in self.config.in_sync:
-            theirs = [(e.seq, e.payload) for e in self.replicas[n].log]
+            theirs = [(e.seq, e.payload) for e in _entries(self.replicas[n])]
             if theirs != log:
                 raise Violation(f"in-sync replica {n} differs from leader {leader}")
+
+
+def _entries(replica: Replica) -> list[Entry]:
+    assert isinstance(replica.log, MemoryLog)
+    return list(replica.log.entries)
 
 
 def _simulate(seed: int, **options: object) -> Sim:

@@ -287,7 +287,7 @@ class DataPlane:
         if config.sharding is not Sharding.HASH:
             self._check_placement(config, b.batches)
         return wire.ShardPutReply(
-            self.host.put(b.collection, b.batches, b.idempotency_key, b.fence)
+            self.host.put(b.collection, b.batches, b.idempotency_key, b.fence, b.version_floors)
         )
 
     def _sharder(self, config: CollectionConfig) -> Sharder:
@@ -409,7 +409,9 @@ class DataPlane:
         shard (it stays here too until :meth:`_rehome_finish`)."""
         shard_id = (b.config.name, b.shard)
         await self._run(self.host.freeze, shard_id, b.config)
-        puts = await self._run(lambda: self.host.reader(shard_id).live_puts())
+        source = self.host.reader(shard_id)
+        puts = await self._run(source.live_puts)
+        floor = source.version_high
         placed = await self._run(self._placement, b.config, puts)
         moving: dict[int, list[PutOp]] = {}
         for put, target in zip(puts, placed, strict=True):
@@ -426,6 +428,7 @@ class DataPlane:
                     collection=b.config.name,
                     shard=target,
                     record=encode_record(Record(1, 0.0, list(ops[start : start + step]))),
+                    version_floor=floor,
                 )
                 if owner == self.node_id:
                     await self._run(self._import, body)
@@ -449,7 +452,7 @@ class DataPlane:
     def _import(self, b: wire.Import) -> wire.Done:
         ops = decode_record(b.record).ops
         puts = [op for op in ops if isinstance(op, PutOp)]
-        self.host.writer((b.collection, b.shard)).import_puts(puts)
+        self.host.writer((b.collection, b.shard)).import_puts(puts, b.version_floor)
         return wire.Done()
 
     def _sample(self, b: wire.Sample) -> wire.SampleReply:

@@ -439,8 +439,10 @@ class ShardHost:
         batches: Mapping[int, Sequence[Memory]],
         idempotency_key: str | None,
         fence: tuple[str, int] | None = None,
+        version_floors: Mapping[int, int] | None = None,
     ) -> dict[int, list[int]]:
         """Write each shard's memories; returns each shard's versions in input order.
+        ``version_floors``: per shard, a version its new versions must exceed.
 
         Atomic on this node: every batch is checked (versions, capacity) under all the shards'
         locks before any is written."""
@@ -460,7 +462,8 @@ class ShardHost:
                 assert isinstance(shard, Shard)
                 stack.enter_context(shard.lock)
                 h._gate()
-                plan = shard.plan_put(prepared[h.id[1]], idempotency_key, fence)
+                floor = (version_floors or {}).get(h.id[1], 0)
+                plan = shard.plan_put(prepared[h.id[1]], idempotency_key, fence, floor)
                 plans.append((h.id[1], shard, plan))
             for number, shard, plan in plans:
                 if isinstance(plan, list):

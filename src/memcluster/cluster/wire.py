@@ -24,6 +24,9 @@ class ShardPut(msgspec.Struct, kw_only=True):
     idempotency_key: str | None = None
     fence: tuple[str, int] | None = None
     """(lock, token): refused (StaleToken) by a shard where a higher token of the lock wrote."""
+    version_floors: dict[int, int] = {}
+    """Per shard: versions given there must be above this (memories moving in keep counting
+    up from their version in the shard they leave)."""
 
 
 class ShardPutReply(msgspec.Struct):
@@ -210,6 +213,8 @@ class Import(msgspec.Struct, kw_only=True):
     collection: str
     shard: int
     record: bytes
+    version_floor: int = 0
+    """The versions given to these memories must be above this (their shard's highest)."""
     """An encoded WAL record whose ops are the puts (``codec.encode_record``)."""
 
 

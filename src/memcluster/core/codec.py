@@ -12,6 +12,7 @@ fields at the end with defaults, never reorder):
                                                3 moved (the memory lives in another
                                                shard now; the change feed skips it)
     FenceOp  = ["f", lock, token]        writes under lock ``lock`` now need a token >= ``token``
+    VersionOp = ["v", offset]            from here on a put's version is its seq + ``offset``
 
 The coordination shard (leases, locks, semaphores, counters) writes its own operations into
 records of the same format; its state machine is :mod:`memcluster.shard.coord`::
@@ -90,6 +91,15 @@ class FenceOp(msgspec.Struct, frozen=True, array_like=True, tag="f"):
     token: int
 
 
+class VersionOp(msgspec.Struct, frozen=True, array_like=True, tag="v"):
+    """Versions run ahead of sequence numbers from here on: a put at seq ``s`` gets version
+    ``s + offset``. Written before a memory moves in from another shard (range and vector
+    sharding) whose version there is above this shard's seq, so a memory's version never
+    goes back and an ``if_version`` read before the move cannot match a write after it."""
+
+    offset: int
+
+
 class LeaseGrantOp(msgspec.Struct, frozen=True, array_like=True, tag="lg"):
     """Create a lease; its id is the sequence number of this operation."""
 
@@ -164,7 +174,7 @@ CoordOp = (
     | CounterOp
     | PublishOp
 )
-Op = PutOp | LeasedPutOp | DeleteOp | FenceOp | CoordOp
+Op = PutOp | LeasedPutOp | DeleteOp | FenceOp | VersionOp | CoordOp
 
 
 class Record(msgspec.Struct, frozen=True, array_like=True):

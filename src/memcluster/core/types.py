@@ -208,8 +208,10 @@ class EventOp(enum.StrEnum):
 class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One applied write, as the change feed delivers it.
 
-    ``version`` is the change's sequence number in its shard (for a put, the memory's new
-    version); events of one shard arrive in that order. ``cursor`` resumes a subscription
+    ``version`` is the change's sequence number in its shard; events of one shard arrive in
+    that order. For a put it is the memory's new version, except in range and vector sharded
+    collections once memories moved into the shard, where versions run ahead of sequence
+    numbers (so that a moved memory's version never goes back). ``cursor`` resumes a subscription
     right after this event. Puts carry the memory's text and metadata (and its vector when
     the subscription asked for vectors); deletes carry only the address.
     """

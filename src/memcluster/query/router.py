@@ -597,8 +597,11 @@ class ClusterCollection:
         fence: tuple[str, int] | None,
         *,
         reroute: bool,
+        floors: dict[int, int] | None = None,
     ) -> list[int]:
-        """Write each memory to its placed shard, one request per node; the versions."""
+        """Write each memory to its placed shard, one request per node; the versions.
+        ``floors``: per shard, a version the new versions there must exceed."""
+        floors = floors or {}
         batches: dict[int, list[Memory]] = {}
         positions: dict[int, list[int]] = {}
         for i, (memory, shard) in enumerate(zip(memories, placed, strict=True)):
@@ -613,6 +616,7 @@ class ClusterCollection:
                 batches={n: batches[n] for n in group},
                 idempotency_key=idem,
                 fence=fence,
+                version_floors={n: floors[n] for n in group if n in floors},
             ),
             wire.ShardPutReply,
             reroute=reroute,
@@ -668,13 +672,18 @@ class ClusterCollection:
                 [m.metadata for m in memories],
             )
             sending = []
+            floors: dict[int, int] = {}
             for i, memory in enumerate(memories):
-                holders = {c[0] for c in found.get(i, [])}
-                if memory.if_version is not None and placed[i] not in holders:
-                    memory = msgspec.structs.replace(memory, if_version=0)  # absent there
+                copies = found.get(i, [])
+                if placed[i] not in {c[0] for c in copies}:
+                    if memory.if_version is not None:
+                        memory = msgspec.structs.replace(memory, if_version=0)  # absent there
+                    if copies:  # its version keeps counting up from where it was
+                        newest = max(c[1] for c in copies)
+                        floors[placed[i]] = max(floors.get(placed[i], 0), newest)
                 sending.append(memory)
             try:
-                versions = self._write(sending, placed, idem, fence, reroute=False)
+                versions = self._write(sending, placed, idem, fence, reroute=False, floors=floors)
             except WrongNode:
                 if time.monotonic() > deadline:
                     raise

@@ -29,13 +29,16 @@ The model (PacificA, Kafka's ISR):
 * **A follower behind** (restarted, or just added) is sent the entries it lacks; once it has
   everything, the leader proposes it back into the in-sync set.
 
-Sequence numbers start at 1; an entry is ``(seq, epoch, payload)``.
+Sequence numbers start at 1. An entry covers ``count`` consecutive sequence numbers and is
+named by its last one (a shard's WAL record of several operations is one entry). The log is a
+:class:`Log`: :class:`MemoryLog` in the simulator, the shard's WAL in production.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import msgspec
 
@@ -50,9 +53,83 @@ class Ack(enum.StrEnum):
 
 
 class Entry(msgspec.Struct, frozen=True, array_like=True):
+    """Sequence numbers ``seq - count + 1 .. seq``, written by the leader of ``epoch``."""
+
     seq: int
     epoch: int
     payload: bytes
+    count: int = 1
+
+    @property
+    def first(self) -> int:
+        return self.seq - self.count + 1
+
+
+class Log(Protocol):
+    """A replica's log of entries, durable in production. Entries are in seq order, without
+    gaps (each one's ``first`` is the previous one's ``seq + 1``)."""
+
+    def last(self) -> tuple[int, int]:
+        """(seq, epoch) of the last entry; (0, 0) when empty."""
+        ...
+
+    def epoch_at(self, seq: int) -> int | None:
+        """The epoch of the entry ending at ``seq`` (0 for seq 0); None if no entry here
+        ends there (or it is no longer kept)."""
+        ...
+
+    def after(self, seq: int, limit: int) -> list[Entry]:
+        """Up to ``limit`` entries after ``seq`` (an entry's end); production logs raise
+        when those were compacted away (the follower then needs a snapshot)."""
+        ...
+
+    def append(self, entry: Entry) -> None:
+        """Add the entry that follows the last one."""
+        ...
+
+    def truncate(self, seq: int) -> None:
+        """Drop every entry after ``seq`` (an entry's end): a suffix an old leader wrote."""
+        ...
+
+
+class MemoryLog:
+    """A :class:`Log` in a list (the simulator's)."""
+
+    def __init__(self, entries: Sequence[Entry] = ()) -> None:
+        self.entries = list(entries)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self.entries)
+
+    def _index(self, seq: int) -> int | None:
+        """Index of the entry ending at seq (count-1 entries: index seq - 1)."""
+        i = seq - 1
+        if 0 <= i < len(self.entries) and self.entries[i].seq == seq:
+            return i
+        return None
+
+    def last(self) -> tuple[int, int]:
+        return (self.entries[-1].seq, self.entries[-1].epoch) if self.entries else (0, 0)
+
+    def epoch_at(self, seq: int) -> int | None:
+        if seq == 0:
+            return 0
+        i = self._index(seq)
+        return None if i is None else self.entries[i].epoch
+
+    def after(self, seq: int, limit: int) -> list[Entry]:
+        start = 0 if seq == 0 else self._index(seq)
+        assert start is not None, f"no entry ends at {seq}"
+        start += 1 if seq else 0
+        return self.entries[start : start + limit]
+
+    def append(self, entry: Entry) -> None:
+        assert entry.count == 1, "the simulator's entries are single writes"
+        assert entry.first == self.last()[0] + 1, (entry, self.last())
+        self.entries.append(entry)
+
+    def truncate(self, seq: int) -> None:
+        del self.entries[seq:]
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -114,6 +191,8 @@ Message = Append | AppendAck | StatusRequest | Status
 class Write(msgspec.Struct, frozen=True):
     request: int
     payload: bytes
+    count: int = 1
+    """How many sequence numbers the write takes."""
 
 
 class Receive(msgspec.Struct, frozen=True):
@@ -171,7 +250,7 @@ class Replica:
         ack_timeout: float = 1.0,
         in_sync_rule: bool = True,
         fencing: bool = True,
-        log: Sequence[Entry] = (),
+        log: Log | Sequence[Entry] = (),
         epoch: int = 0,
     ) -> None:
         self.node = node
@@ -183,7 +262,7 @@ class Replica:
         self.fencing = fencing
         """False only in tests: accept messages of a lower epoch (the simulator must then
         find a lost write)."""
-        self.log: list[Entry] = list(log)
+        self.log: Log = MemoryLog(log) if isinstance(log, Sequence) else log
         self.epoch = max(epoch, config.epoch)
         self.config = config
         self.now = 0.0
@@ -197,14 +276,11 @@ class Replica:
 
     @property
     def last(self) -> tuple[int, int]:
-        return (self.log[-1].seq, self.log[-1].epoch) if self.log else (0, 0)
+        return self.log.last()
 
     @property
     def is_leader(self) -> bool:
         return self.config.leader == self.node and self.config.epoch == self.epoch
-
-    def _entry(self, seq: int) -> Entry | None:
-        return self.log[seq - 1] if 0 < seq <= len(self.log) else None
 
     def _followers(self) -> list[str]:
         return [n for n in self.config.replicas if n != self.node]
@@ -230,7 +306,7 @@ class Replica:
     def _write(self, w: Write) -> list[Action]:
         if not self.is_leader:
             return [Reply(w.request, 0, f"not the leader of epoch {self.config.epoch}")]
-        entry = Entry(self.last[0] + 1, self.epoch, w.payload)
+        entry = Entry(self.last[0] + w.count, self.epoch, w.payload, w.count)
         self.log.append(entry)
         self._pending[w.request] = entry.seq
         for f in self._followers():
@@ -241,28 +317,39 @@ class Replica:
         """Send each follower the next entries it lacks, unless they are in flight already;
         ``probe`` (on a tick): resend to a follower that is behind, in case it was lost."""
         out: list[Action] = []
+        last = self.last
         for f in self._followers():
-            start = self._acked.get(f, 0)
-            if start >= self.last[0]:
+            if f not in self._acked:
+                # Not heard from in this epoch: probe at our last entry; the answer says
+                # where its log ends, and the entries start from there.
+                if f in self._sent and not probe:
+                    continue
+                self._sent[f] = -1
+                message = Append(
+                    epoch=self.epoch, leader=self.node, prev=last, entries=(), leader_last=last[0]
+                )
+                out.append(Send(f, message))
+                continue
+            start = self._acked[f]
+            if start >= last[0]:
                 continue  # it has everything
             in_flight = self._sent.get(f, 0) > start
             if in_flight and not probe:
                 continue
-            prev = self._entry(start)
-            batch = tuple(self.log[start : start + BATCH_ENTRIES])
+            batch = tuple(self.log.after(start, BATCH_ENTRIES))
             out.append(
                 Send(
                     f,
                     Append(
                         epoch=self.epoch,
                         leader=self.node,
-                        prev=(start, prev.epoch if prev else 0),
+                        prev=(start, self.log.epoch_at(start) or 0),
                         entries=batch,
-                        leader_last=self.last[0],
+                        leader_last=last[0],
                     ),
                 )
             )
-            self._sent[f] = start + len(batch)
+            self._sent[f] = batch[-1].seq if batch else start
         return out
 
     def _needed(self) -> int:
@@ -326,34 +413,35 @@ class Replica:
         ):
             return []  # not the leader of this epoch by our config
         prev_seq, prev_epoch = m.prev
-        mine = self._entry(prev_seq)
-        if prev_seq > 0 and (mine is None or mine.epoch != prev_epoch):
-            # Our log does not match there: ask for an earlier start.
-            hint = min(prev_seq - 1, self.last[0])
+        mine = self.log.epoch_at(prev_seq)
+        starts = not m.entries or m.entries[0].first == prev_seq + 1
+        if mine is None or (prev_seq > 0 and mine != prev_epoch) or not starts:
+            # Our log does not match there: it may up to our end, or before prev.
+            hint = max(0, min(prev_seq - 1, self.last[0]))
             return [
                 Send(sender, AppendAck(epoch=self.epoch, node=self.node, ok=False, last_seq=hint))
             ]
         for entry in m.entries:
-            have = self._entry(entry.seq)
-            if have is not None and have.epoch != entry.epoch:
-                del self.log[entry.seq - 1 :]  # a divergent suffix of an old leader
+            have = self.log.epoch_at(entry.seq) if entry.seq <= self.last[0] else None
+            if entry.seq <= self.last[0] and have != entry.epoch:
+                self.log.truncate(entry.first - 1)  # a divergent suffix of an old leader
                 have = None
             if have is None:
-                assert entry.seq == self.last[0] + 1, (entry.seq, self.last)
                 self.log.append(entry)
-        last = prev_seq + len(m.entries)
-        after = self._entry(last + 1)
-        if last >= m.leader_last and after is not None and after.epoch < m.epoch:
-            # An older leader's suffix that this epoch's leader does not have (its own
-            # entries, of this epoch, may already be here from a newer message: kept).
-            del self.log[last:]
+        last = m.entries[-1].seq if m.entries else prev_seq
+        if last >= m.leader_last and self.last[0] > last:
+            after = self.log.after(last, 1)
+            if after and after[0].epoch < m.epoch:
+                # An older leader's suffix that this epoch's leader does not have (its own
+                # entries, of this epoch, may already be here from a newer message: kept).
+                self.log.truncate(last)
         return [Send(sender, AppendAck(epoch=self.epoch, node=self.node, ok=True, last_seq=last))]
 
     def _ack(self, m: AppendAck) -> list[Action]:
         if not self.is_leader:
             return []
         if not m.ok:  # its log differs: resend from where it may match
-            self._acked[m.node] = min(self._acked.get(m.node, 0), m.last_seq)
+            self._acked[m.node] = min(self._acked.get(m.node, m.last_seq), m.last_seq)
             self._sent[m.node] = 0
             return self._replicate()
         self._acked[m.node] = max(self._acked.get(m.node, 0), m.last_seq)

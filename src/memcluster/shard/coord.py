@@ -65,6 +65,7 @@ from memcluster.core.codec import (
     PublishOp,
     PutOp,
     Record,
+    VersionOp,
 )
 from memcluster.core.config import Config
 from memcluster.core.errors import (
@@ -112,7 +113,7 @@ class CoordState(msgspec.Struct):
                 f" {self.applied_seq}: the log has a gap"
             )
         for i, op in enumerate(record.ops):
-            if isinstance(op, PutOp | DeleteOp | FenceOp):
+            if isinstance(op, PutOp | DeleteOp | FenceOp | VersionOp):
                 raise CorruptionError(
                     f"coordination: record for seq {record.seq + i} holds a memory operation"
                 )

@@ -55,6 +55,7 @@ from memcluster.core.codec import (
     Op,
     PutOp,
     Record,
+    VersionOp,
 )
 from memcluster.core.config import Config
 from memcluster.core.errors import (
@@ -124,6 +125,8 @@ class ShardState(msgspec.Struct, array_like=True):
     """(slot, lease) of every memory attached to a lease."""
     fences: list[tuple[str, int]] = msgspec.field(default_factory=list)
     """(lock, highest fencing token written under it): see ``FenceOp``."""
+    version_offset: int = 0
+    """How far versions run ahead of seqs: see ``VersionOp``."""
 
 
 def _grow(array: npt.NDArray[Any], capacity: int, fill: Any) -> npt.NDArray[Any]:
@@ -211,6 +214,8 @@ class Shard:
         self._slot_meta: list[bytes | None] = [None] * capacity
         self._slot_lease: dict[int, int] = {}
         self._fences: dict[str, int] = {}
+        self._version_offset = 0
+        """A put at seq s gets version s + this (0 unless memories moved in: ``VersionOp``)."""
         """The highest fencing token written under each lock (``FenceOp``)."""
         """slot -> the lease its memory is attached to (only attached slots)."""
         self._ns_ids: dict[tuple[str, ...], int] = {}
@@ -285,12 +290,15 @@ class Shard:
         versions: list[int] = []
         for i, op in enumerate(record.ops):
             if isinstance(op, PutOp):
-                self._apply_put(op, record.seq + i)
-                versions.append(record.seq + i)
+                version = record.seq + i + self._version_offset
+                self._apply_put(op, version)
+                versions.append(version)
             elif isinstance(op, DeleteOp):
                 self._apply_delete(op)
             elif isinstance(op, FenceOp):
                 self._fences[op.lock] = max(self._fences.get(op.lock, 0), op.token)
+            elif isinstance(op, VersionOp):
+                self._version_offset = max(self._version_offset, op.offset)
             else:
                 raise CorruptionError(
                     f"{self.name}: record for seq {record.seq + i} holds a coordination"
@@ -405,16 +413,25 @@ class Shard:
                 for s in slots
             ]
 
-    def import_puts(self, puts: Sequence[PutOp]) -> None:
+    @property
+    def version_high(self) -> int:
+        """No memory here has a higher version: where versions of memories moving out of this
+        shard must continue from."""
+        return self.applied_seq + self._version_offset
+
+    def import_puts(self, puts: Sequence[PutOp], version_floor: int = 0) -> None:
         """Write memories moved here from another shard of the collection, as they were
-        (timestamps kept; new versions). Durable on return."""
+        (timestamps kept; new versions, above ``version_floor``). Durable on return."""
         token = -1
         step = self.config.batch_items_max
         with self.lock:
             self._check_writable()
             now = self._clock.time()
             for start in range(0, len(puts), step):
-                ops: list[Op] = list(puts[start : start + step])
+                ops: list[Op] = []
+                if version_floor > self.version_high:
+                    ops.append(VersionOp(version_floor - self.applied_seq))
+                ops.extend(puts[start : start + step])
                 token = self._write(Record(self.applied_seq + 1, now, ops))
         if token >= 0:
             self._wal.sync(token)
@@ -467,11 +484,12 @@ class Shard:
         with self._wal_read_lock:
             return self._wal.first_seq()
 
-    def _apply_put(self, op: PutOp, seq: int) -> None:
+    def _apply_put(self, op: PutOp, version: int) -> None:
         dim = self.coll.dim
         if len(op.vector) != 4 * dim:
             raise CorruptionError(
-                f"{self.name}: record for seq {seq} has a {len(op.vector) // 4}-d vector, dim={dim}"
+                f"{self.name}: the put of version {version} has a {len(op.vector) // 4}-d vector,"
+                f" dim={dim}"
             )
         k = (op.namespace, op.key)
         slot = self._keys.get(k)
@@ -490,7 +508,7 @@ class Shard:
             if self._expires[slot] != INF:
                 self._ttl_count -= 1
         self._vectors[slot] = np.frombuffer(op.vector, dtype="<f4")
-        self._version[slot] = seq
+        self._version[slot] = version
         self._created[slot] = op.created_at
         self._updated[slot] = op.updated_at
         self._expires[slot] = INF if op.expires_at is None else op.expires_at
@@ -606,8 +624,12 @@ class Shard:
         items: Sequence[PreparedPut],
         idem: str | None,
         fence: tuple[str, int] | None = None,
+        version_floor: int = 0,
     ) -> list[int] | Record:
         """Check ``items`` and build their record without writing it. Caller holds ``lock``.
+
+        ``version_floor``: the versions given must be above it (the memories' versions in the
+        shards they move from), which a ``VersionOp`` ensures when this shard's seqs are behind.
 
         Returns the recorded versions when ``idem`` was seen already. Raises VersionConflict,
         CapacityExceeded, or StaleToken when ``fence`` (lock, token) is below a token already
@@ -648,7 +670,10 @@ class Shard:
             )
             puts.append(LeasedPutOp(*fields, item.lease) if item.lease else PutOp(*fields))
         self._check_paths(items)
-        ops: list[Op] = list(fence_ops)
+        ops: list[Op] = []
+        if version_floor > self.version_high:
+            ops.append(VersionOp(version_floor - self.applied_seq))
+        ops.extend(fence_ops)
         ops.extend(self._victims(puts, now))
         ops.extend(puts)
         return Record(seq=self.applied_seq + 1, ts=now, ops=ops, idem=idem)
@@ -686,7 +711,10 @@ class Shard:
         versions of its puts).
         Caller holds ``lock`` since planning; then calls :meth:`commit` without it."""
         token = self._write(record)
-        return token, [record.seq + i for i, op in enumerate(record.ops) if isinstance(op, PutOp)]
+        offset = self._version_offset  # what the record's VersionOp, if any, set
+        return token, [
+            record.seq + i + offset for i, op in enumerate(record.ops) if isinstance(op, PutOp)
+        ]
 
     def located(self, keys: Sequence[Key]) -> list[tuple[int, float, float] | None]:
         """For each (namespace, key): None if this shard has no slot for it, else (its
@@ -1225,6 +1253,7 @@ class Shard:
             idem=list(self._idem.items()),
             leases=sorted(self._slot_lease.items()),
             fences=sorted(self._fences.items()),
+            version_offset=self._version_offset,
         )
 
     def _load_state(self, state: ShardState) -> None:
@@ -1276,6 +1305,7 @@ class Shard:
         self._idem = OrderedDict((k, list(v)) for k, v in state.idem)
         self._slot_lease = dict(state.leases)
         self._fences = dict(state.fences)
+        self._version_offset = state.version_offset
         self.applied_seq = state.seq
 
     @classmethod
@@ -1342,7 +1372,7 @@ class Shard:
                 assert alive[slot]
                 assert self._slot_key[slot] == key
                 assert self._ns_list[self._ns[slot]] == namespace
-                assert self._version[slot] <= self.applied_seq
+                assert self._version[slot] <= self.applied_seq + self._version_offset
             if self._free:
                 assert not alive[self._free].any()
             assert len(set(self._free)) == len(self._free)
