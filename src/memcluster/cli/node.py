@@ -41,7 +41,16 @@ async def _run(
     coord = EtcdCoordinator(etcd)
     shard_map = ShardMap(coord, cluster)
     peers = Peers(max_frame_bytes=config.request_bytes_max)
-    dataplane = DataPlane(host, shard_map, coord, peers, config, node_id=node_id)
+    members: list[Member] = []  # strong reads need the membership lease, once it exists
+    dataplane = DataPlane(
+        host,
+        shard_map,
+        coord,
+        peers,
+        config,
+        node_id=node_id,
+        lease_valid=lambda: bool(members) and members[0].lease_valid(),
+    )
     store = ClusterStore(
         node_id=node_id,
         shard_map=shard_map,
@@ -79,6 +88,7 @@ async def _run(
                 started_at=time.time(),
             )
             member = Member(coord, cluster, info, lease_ttl_s=config.node_lease_ttl_s)
+            members.append(member)
             tasks.create_task(member.run())
             await member.registered.wait()
             controller = Controller(coord, cluster, node_id, peers=peers)

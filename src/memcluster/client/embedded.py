@@ -386,6 +386,9 @@ class Database:
         nprobe: int | None = None,
         split_items: int | None = None,
         train_after: int | None = None,
+        replication_factor: int = 1,
+        replication: str = "leader",
+        ack: str = "all",
     ) -> Collection:
         """Create a collection of ``dim``-dimensional vectors; CollectionExists if it exists.
 
@@ -412,7 +415,11 @@ class Database:
 
         In a cluster the layout can also grow: ``split_items=N`` splits a range shard holding
         more than N memories at its median, and ``train_after=N`` (vector sharding without
-        centroids) learns the centroids by k-means once N memories arrived.
+        centroids) learns the centroids by k-means once N memories arrived, and
+        ``replication_factor=3`` keeps each shard on 3 nodes: a leader and followers it streams
+        its log to, with ``ack`` saying when a write is acknowledged ("all" in-sync replicas,
+        "majority", or "leader" alone). When the leader's node dies, a follower holding every
+        acknowledged write takes over.
         """
         coll_config = self._make_config(
             name=name,
@@ -437,6 +444,9 @@ class Database:
                 nprobe=nprobe,
                 split_items=split_items,
                 train_after=train_after,
+                replication_factor=replication_factor,
+                replication=replication,
+                ack=ack,
             ),
         )
         return self.create_collection_from(coll_config)
@@ -476,6 +486,12 @@ class Database:
         except msgspec.ValidationError as exc:
             raise InvalidArgument(f"collection config: {exc}") from None
         config = check_config(config)
+        if config.replication_factor > 1:
+            raise InvalidArgument(
+                f"replication_factor={config.replication_factor} keeps copies on other nodes,"
+                " which a cluster does (memcluster up / memcluster node); one process has one"
+                " copy: leave replication_factor at 1"
+            )
         if config.split_items is not None or config.train_after is not None:
             raise InvalidArgument(
                 "split_items and train_after change a collection's layout as it grows, which a"

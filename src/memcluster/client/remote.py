@@ -424,6 +424,9 @@ class AsyncClient:
         nprobe: int | None = None,
         split_items: int | None = None,
         train_after: int | None = None,
+        replication_factor: int = 1,
+        replication: str = "leader",
+        ack: str = "all",
     ) -> AsyncCollection:
         """Create a collection; see ``memcluster.Database.create_collection``. The centroids
         of ``sample`` are computed here, on the client, and only they are sent."""
@@ -450,6 +453,9 @@ class AsyncClient:
                 nprobe=nprobe,
                 split_items=split_items,
                 train_after=train_after,
+                replication_factor=replication_factor,
+                replication=replication,
+                ack=ack,
             ),
         }
         try:

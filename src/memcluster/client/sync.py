@@ -147,6 +147,9 @@ class Client:
         nprobe: int | None = None,
         split_items: int | None = None,
         train_after: int | None = None,
+        replication_factor: int = 1,
+        replication: str = "leader",
+        ack: str = "all",
     ) -> Collection:
         """Create a collection; see ``memcluster.Database.create_collection``."""
         coll = self._runner.run(
@@ -170,6 +173,9 @@ class Client:
                 nprobe=nprobe,
                 split_items=split_items,
                 train_after=train_after,
+                replication_factor=replication_factor,
+                replication=replication,
+                ack=ack,
             )
         )
         return Collection(self._runner, coll)

@@ -49,6 +49,8 @@ from memcluster.cluster.placement import Assign, Move, ShardId, plan
 from memcluster.cluster.resharding import reshard
 from memcluster.core.errors import MemclusterError, is_retryable
 from memcluster.core.types import CollectionConfig
+from memcluster.replication.leader import Ack, Status, StatusRequest, failover
+from memcluster.replication.leader import Config as ReplicaConfig
 
 log = logging.getLogger("memcluster.controller")
 
@@ -101,12 +103,33 @@ async def reconcile(
             owners[shard_id] = assignment.leader or (assignment.replicas or (None,))[0]
             revisions[shard_id] = kv.mod_revision
     step = plan(owners, set(live), draining if peers is not None else frozenset())
+    held: dict[str, int] = dict.fromkeys(live, 0)
+    for assignment in assignments.values():
+        for node in assignment.replicas:
+            if node in held:
+                held[node] += 1
     moves: list[Move] = []
     for action in step.actions:
         if isinstance(action, Assign):
             key = assignment_key(cluster, action.shard)
+            placed = collections.get(action.shard[0])
+            factor = 1 if placed is None else placed.replication_factor
+            others = sorted(
+                (n for n in live if n != action.node and n not in draining),
+                key=lambda n: (held[n], n),
+            )[: factor - 1]
+            replicas = (action.node, *others)
+            for node in replicas:
+                held[node] += 1
+            if len(replicas) < factor:
+                log.warning(
+                    "%s/%d: %d replicas wanted, %d live nodes to hold them",
+                    *action.shard,
+                    factor,
+                    len(replicas),
+                )
             entry = ShardAssignment(
-                epoch=1, replicas=(action.node,), leader=action.node, in_sync=(action.node,)
+                epoch=1, replicas=replicas, leader=action.node, in_sync=replicas
             )
             written = await coord.txn(
                 [Compare(key, revisions[action.shard])], [Put(key, encode(entry))]
@@ -123,8 +146,28 @@ async def reconcile(
                 action.target,
                 action.reason,
             )
+        elif len(assignments[action.shard].replicas) > 1:
+            log.info(
+                "not moving replicated shard %s/%d (%s): moving replica sets is not supported yet",
+                *action.shard,
+                action.reason,
+            )
         else:
             moves.append(action)
+    if peers is not None:
+        lost = [
+            (shard_id, a)
+            for shard_id, a in assignments.items()
+            if len(a.replicas) > 1 and (a.leader is None or a.leader not in live)
+        ]
+        await asyncio.gather(
+            *(
+                _failover(
+                    coord, cluster, peers, shard_id, a, revisions[shard_id], live, collections
+                )
+                for shard_id, a in lost
+            )
+        )
     if moves and peers is not None:
         jobs = {
             m.shard: _move(
@@ -148,6 +191,75 @@ async def reconcile(
     if step.unavailable:
         log.warning("shards on down nodes, unavailable: %s", step.unavailable)
     return list(step.actions)
+
+
+async def _failover(
+    coord: Coordinator,
+    cluster: str,
+    peers: Peers,
+    shard_id: ShardId,
+    current: ShardAssignment,
+    revision: int,
+    live: dict[str, NodeInfo],
+    collections: dict[str, CollectionConfig],
+) -> None:
+    """The leader of a replicated shard is gone (its node's lease expired, so it can no
+    longer act as leader): ask the live replicas to adopt the next epoch and say how far they
+    are, and promote the in-sync one with the highest entry, by a txn conditioned on the
+    revision read (:func:`memcluster.replication.leader.failover`)."""
+    config = collections.get(shard_id[0])
+    if config is None:
+        return
+    epoch = current.epoch + 1
+    statuses: list[Status] = []
+
+    async def ask(node: str) -> None:
+        info = live.get(node)
+        if info is None:
+            return
+        body = wire.ReplStatus(
+            collection=shard_id[0], shard=shard_id[1], request=StatusRequest(epoch=epoch)
+        )
+        try:
+            got = await peers.request(info.peer_url, "repl.status", body, Status, timeout_s=2.0)
+        except MemclusterError as exc:
+            log.info("failover of %s/%04d: no status from %s: %s", *shard_id, node, exc)
+            return
+        assert isinstance(got, Status)
+        statuses.append(got)
+
+    await asyncio.gather(*(ask(n) for n in current.replicas))
+    chosen = failover(
+        ReplicaConfig(
+            version=revision,
+            epoch=current.epoch,
+            leader=current.leader,
+            replicas=current.replicas,
+            in_sync=current.in_sync,
+        ),
+        statuses,
+        Ack(config.ack.value),
+    )
+    entry = ShardAssignment(
+        epoch=chosen.epoch, replicas=chosen.replicas, leader=chosen.leader, in_sync=chosen.in_sync
+    )
+    key = assignment_key(cluster, shard_id)
+    if not await coord.txn([Compare(key, revision)], [Put(key, encode(entry))]):
+        log.info("failover of %s/%04d: the map changed meanwhile; next round", *shard_id)
+    elif chosen.leader is None:
+        log.warning(
+            "failover of %s/%04d: no in-sync replica answered (%s); waiting for one",
+            *shard_id,
+            ", ".join(s.node for s in statuses) or "none",
+        )
+    else:
+        log.warning(
+            "failover of %s/%04d: %s leads epoch %d (was %s)",
+            *shard_id,
+            chosen.leader,
+            chosen.epoch,
+            current.leader,
+        )
 
 
 async def _move(

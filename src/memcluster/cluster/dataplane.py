@@ -39,6 +39,7 @@ from memcluster.cluster import wire
 from memcluster.cluster.coordinator import Compare, Coordinator, Put
 from memcluster.cluster.host import ShardHost, ShardId, State, shard_name
 from memcluster.cluster.keys import COORDINATION, ShardAssignment, assignment_key, encode
+from memcluster.cluster.replicas import EpochHistory, ReplicaDriver
 from memcluster.cluster.shardmap import ShardMap, Snapshot
 from memcluster.core import validation
 from memcluster.core.codec import PutOp, Record, decode_record, encode_record
@@ -53,6 +54,7 @@ from memcluster.core.errors import (
 )
 from memcluster.core.types import CollectionConfig, Sharding
 from memcluster.index.filters import compile_filter
+from memcluster.replication.leader import Ack
 from memcluster.shard.feed import FeedReader, ShardFollower
 from memcluster.shard.shard import Shard
 from memcluster.shard.sharding import Sharder
@@ -193,6 +195,7 @@ class DataPlane:
         *,
         node_id: str,
         move_timeout_s: float = 30.0,
+        lease_valid: Callable[[], bool] = lambda: True,
     ) -> None:
         self.host = host
         self.map = shard_map
@@ -201,13 +204,22 @@ class DataPlane:
         self.config = config
         self.node_id = node_id
         self.move_timeout_s = move_timeout_s
+        self.lease_valid = lease_valid
+        """Whether this node's etcd lease is certainly alive (strong reads need it)."""
         self._pool = ThreadPoolExecutor(
             max_workers=config.request_threads, thread_name_prefix="memcluster-peer"
         )
         self._pulling: set[ShardId] = set()
+        self.replicas: dict[ShardId, ReplicaDriver] = {}
+        """The drivers of the replicated shards held here."""
+        self._revisions: dict[ShardId, int] = {}
+        self._resyncing: set[ShardId] = set()
+        # Replication requests never wait behind writes that wait for them (on other nodes).
+        self._repl_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="memcluster-repl")
         self._sharders: dict[str, tuple[CollectionConfig, Sharder]] = {}
         self._sync_needed = asyncio.Event()
         self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         h = self.host
         self.local: dict[str, tuple[type[msgspec.Struct], Callable[[Any], msgspec.Struct]]] = {
             "shard.put": (wire.ShardPut, self._put),
@@ -250,6 +262,16 @@ class DataPlane:
         }
         self.handlers.update(
             {
+                "repl.append": (
+                    wire.ReplAppend,
+                    self._on_repl(lambda b: self._driver(b).on_append(b)),
+                ),
+                "repl.status": (
+                    wire.ReplStatus,
+                    self._on_repl(lambda b: self._driver(b).on_status(b)),
+                ),
+                "repl.history": (wire.ShardRef, self._on_repl(self._history)),
+                "repl.resync": (wire.ReplResync, self._resync_handler),
                 "shard.unfreeze": (wire.ShardRef, self._unfreeze),
                 "shard.pull": (wire.Pull, self._pull_handler),
                 "shard.abort": (wire.ShardRef, self._abort),
@@ -267,14 +289,38 @@ class DataPlane:
 
         return run
 
+    def _on_repl(self, fn: Callable[[Any], msgspec.Struct]) -> Handler:
+        async def run(body: Any) -> msgspec.Struct:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._repl_pool, functools.partial(fn, body))
+
+        return run
+
+    def _driver(self, b: wire.ReplAppend | wire.ReplStatus | wire.ShardRef) -> ReplicaDriver:
+        driver = self.replicas.get((b.collection, b.shard))
+        if driver is None:
+            raise WrongNode(
+                f"this node holds no replica of shard {shard_name((b.collection, b.shard))}"
+            )
+        return driver
+
+    def _history(self, b: wire.ShardRef) -> wire.History:
+        history = self._driver(b).history
+        return wire.History(list(history.epochs), history.adopted)
+
     def stop(self) -> None:
         """Stop following the map (on the loop); :meth:`close` afterwards, off the loop."""
         self._stop.set()
+        for driver in self.replicas.values():
+            driver.close()
 
     def close(self) -> None:
         """Wait for the operations running on the pool; blocking: call it off the loop."""
         self._stop.set()
+        for driver in list(self.replicas.values()):
+            driver.close()
         self._pool.shutdown(wait=True)
+        self._repl_pool.shutdown(wait=True)
 
     # -- data operations (run on the pool) -----------------------------------------------------
 
@@ -543,10 +589,13 @@ class DataPlane:
         await self.pull(b.config, b.shard, b.source)
         return wire.Done()
 
-    async def pull(self, config: CollectionConfig | None, number: int, source: str) -> None:
+    async def pull(
+        self, config: CollectionConfig | None, number: int, source: str, *, freeze: bool = True
+    ) -> int:
         """Copy shard ``number`` of ``config`` (None: the coordination shard) from the node at
         ``source`` (see the module docstring). On success the copy here is READY and as new as
-        the frozen source."""
+        the frozen source; without ``freeze`` (a replica, which replication then keeps up to
+        date), nearly as new, and the source keeps serving. Returns the seq copied up to."""
         shard_id: ShardId = COORDINATION if config is None else (config.name, number)
         if shard_id in self._pulling:
             raise InvalidState(f"shard {shard_name(shard_id)} is being pulled here already")
@@ -596,9 +645,10 @@ class DataPlane:
                 applied, behind = await self._catch_up(source, shard_id, applied)
                 if behind <= CLOSE_ENOUGH_OPS:
                     break
-            final = await self.peers.request(source, "shard.freeze", ref, wire.Seq)
-            while applied < final.seq:
-                applied, _ = await self._catch_up(source, shard_id, applied)
+            if freeze:
+                final = await self.peers.request(source, "shard.freeze", ref, wire.Seq)
+                while applied < final.seq:
+                    applied, _ = await self._catch_up(source, shard_id, applied)
             await self._run(self.host.ready, shard_id)
             log.info(
                 "pulled shard %s from %s: snapshot seq %d, %d files, up to seq %d in %.2f s",
@@ -609,12 +659,125 @@ class DataPlane:
                 applied,
                 time.monotonic() - started,
             )
+            return applied
         except BaseException:
             with contextlib.suppress(Exception):
                 await self._run(self.host.drop, shard_id)
             raise
         finally:
             self._pulling.discard(shard_id)
+
+    # -- replicated shards -----------------------------------------------------------------
+
+    async def _resync_handler(self, b: wire.ReplResync) -> wire.Done:
+        self._resync((b.collection, b.shard), b.source)
+        return wire.Done()
+
+    def _resync(self, shard_id: ShardId, source: str) -> None:
+        """Copy a replica again from its leader at ``source`` (any thread; runs on the loop)."""
+        loop = self._loop
+        if loop is not None:
+            asyncio.run_coroutine_threadsafe(self._resync_shard(shard_id, source), loop)
+
+    async def _resync_shard(self, shard_id: ShardId, source: str) -> None:
+        if shard_id in self._resyncing or shard_id in self._pulling:
+            return
+        config = self.map.current.collections.get(shard_id[0])
+        if config is None:
+            return
+        self._resyncing.add(shard_id)
+        try:
+            driver = self.replicas.pop(shard_id, None)
+            if driver is not None:
+                driver.close()
+            self._revisions.pop(shard_id, None)
+            ref = wire.ShardRef(collection=shard_id[0], shard=shard_id[1])
+            history = await self.peers.request(source, "repl.history", ref, wire.History)
+            await self._run(self.host.drop, shard_id)
+            applied = await self.pull(config, shard_id[1], source, freeze=False)
+            hosted = self.host.hosted(shard_id)
+            assert hosted is not None
+            mine = EpochHistory(hosted.path / "epochs.json")
+            await self._run(mine.replace, history.epochs, applied)
+            await self._run(mine.adopt, history.adopted)
+            self.host.set_state(shard_id, State.FOLLOWER)
+            log.info(
+                "shard %s: copied again from %s up to seq %d", shard_name(shard_id), source, applied
+            )
+        except MemclusterError as exc:
+            log.warning("shard %s: copying it again failed: %s", shard_name(shard_id), exc)
+        finally:
+            self._resyncing.discard(shard_id)
+            self._sync_needed.set()
+
+    async def _sync_replica(
+        self, snap: Snapshot, shard_id: ShardId, assignment: ShardAssignment, state: State | None
+    ) -> None:
+        """Keep a replicated shard's replica here in line with its map entry."""
+        if self.node_id not in assignment.replicas:
+            driver = self.replicas.pop(shard_id, None)
+            if driver is not None:
+                driver.close()
+            self._revisions.pop(shard_id, None)
+            if state is not None and state is not State.INCOMING:
+                await self._run(self.host.drop, shard_id)
+            return
+        if shard_id in self._pulling or shard_id in self._resyncing:
+            return
+        if state is None:
+            await self._run(
+                self.host.open, snap.collections[shard_id[0]], shard_id[1], State.FOLLOWER
+            )
+        revision = snap.shard_revisions.get(shard_id, 0)
+        driver = self.replicas.get(shard_id)
+        if driver is None:
+            hosted = self.host.hosted(shard_id)
+            if hosted is None:
+                return
+            driver = ReplicaDriver(
+                node_id=self.node_id,
+                shard_id=shard_id,
+                hosted=hosted,
+                assignment=assignment,
+                revision=revision,
+                ack=Ack(snap.collections[shard_id[0]].ack.value),
+                cluster=self.map.cluster,
+                coord=self.coord,
+                peer_url=self._peer_url,
+                request=self.peers.request,
+                resync=self._resync,
+                loop=asyncio.get_running_loop(),
+                lease_valid=lambda: self.lease_valid(),
+            )
+            self.replicas[shard_id] = driver
+        elif self._revisions.get(shard_id) == revision:
+            return
+        self._revisions[shard_id] = revision
+        new_state = await self._run(driver.update, assignment, revision)
+        self.host.set_state(shard_id, new_state)
+
+    async def _resign(self, shard_id: ShardId) -> None:
+        """This node restarted as the leader of a replicated shard: it may have lost writes
+        a follower has (and followers may hold writes it never acknowledged), so it does not
+        lead on in the same epoch; it hands the choice to the controller's failover, which
+        asks every replica how far it is (this one included)."""
+        key = assignment_key(self.map.cluster, shard_id)
+        kv = await self.coord.get(key)
+        if kv is None:
+            return
+        current = msgspec.json.decode(kv.value, type=ShardAssignment)
+        if current.leader != self.node_id:
+            return
+        resigned = msgspec.structs.replace(current, epoch=current.epoch + 1, leader=None)
+        if await self.coord.txn([Compare(key, kv.mod_revision)], [Put(key, encode(resigned))]):
+            log.info(
+                "shard %s: restarted as its leader; a failover chooses the next",
+                shard_name(shard_id),
+            )
+
+    def _peer_url(self, node: str) -> str | None:
+        info = self.map.current.nodes.get(node)
+        return None if info is None else info.peer_url
 
     async def _catch_up(self, source: str, shard_id: ShardId, applied: int) -> tuple[int, int]:
         """Apply one batch of the source's WAL after ``applied``: (new applied, ops behind)."""
@@ -635,9 +798,17 @@ class DataPlane:
         """Open the shards held on disk that the map still gives this node, then keep the host
         in line with every change of the map until :meth:`close`."""
         await self.map.loaded.wait()
+        self._loop = asyncio.get_running_loop()
         snap = self.map.current
         for shard_id in self.host.on_disk():
-            if snap.owner(*shard_id) == self.node_id:
+            assignment = snap.shards.get(shard_id)
+            if assignment is None:
+                continue
+            if len(assignment.replicas) > 1 and self.node_id in assignment.replicas:
+                await self._run(self.host.reopen, shard_id, State.FOLLOWER)  # until the driver says
+                if assignment.leader == self.node_id:
+                    await self._resign(shard_id)
+            elif assignment.leader == self.node_id:
                 await self._run(self.host.reopen, shard_id)
         self.map.listen(lambda _: self._sync_needed.set())
         self._sync_needed.set()
@@ -660,7 +831,9 @@ class DataPlane:
         states = self.host.states()
         for shard_id, assignment in snap.shards.items():
             state = states.get(shard_id)
-            if assignment.leader == self.node_id:
+            if len(assignment.replicas) > 1 or shard_id in self.replicas:
+                await self._sync_replica(snap, shard_id, assignment, state)
+            elif assignment.leader == self.node_id:
                 if state is None and shard_id not in self._pulling:
                     if assignment.epoch > 1:
                         log.warning(
@@ -680,6 +853,9 @@ class DataPlane:
                 await self._run(self.host.drop, shard_id)
         for shard_id, state in states.items():
             if shard_id not in snap.shards and state is not State.INCOMING:
+                driver = self.replicas.pop(shard_id, None)
+                if driver is not None:
+                    driver.close()
                 await self._run(self.host.drop, shard_id)  # its collection was dropped
         now = time.monotonic()
         for shard_id, (since, rehoming) in self.host.frozen().items():

@@ -92,6 +92,23 @@ class State(enum.Enum):
     READY = "ready"
     ACTIVE = "active"
     FROZEN = "frozen"
+    FOLLOWER = "follower"
+    """A replica of a replicated shard whose leader is elsewhere: takes only the leader's
+    records; serves eventual reads."""
+
+
+class Replication(Protocol):
+    """What a replicated shard's driver offers the host (``cluster.replicas``)."""
+
+    def wait(self, seq: int) -> None:
+        """Block until the write that ended at ``seq`` is acknowledged as the collection's
+        ``ack`` asks; WrongNode (leadership moved) or Timeout if it cannot be."""
+        ...
+
+    def barrier(self) -> None:
+        """Block until every write applied here is acknowledged (strong reads at the leader
+        then never see a write that a failover could still lose)."""
+        ...
 
 
 class Hosted:
@@ -108,7 +125,14 @@ class Hosted:
         self.frozen_at = 0.0
         self.rehoming: CollectionConfig | None = None
         """While frozen for a rehome: the layout the memories are being placed by."""
+        self.replication: Replication | None = None
+        """Set for a replicated shard's replica."""
         shard.write_gate = self._gate
+
+    def replicated(self, seq: int) -> None:
+        """Wait until the write that ended at ``seq`` may be acknowledged."""
+        if self.replication is not None:
+            self.replication.wait(seq)
 
     def _gate(self) -> None:
         if self.state is not State.ACTIVE:
@@ -232,8 +256,30 @@ class ShardHost:
             ) from None
 
     def reader(self, shard_id: ShardId) -> Shard:
-        """A shard held here for reading (ACTIVE or FROZEN), else WrongNode."""
-        return self._data(shard_id, State.ACTIVE, State.FROZEN)
+        """A shard held here for reading (ACTIVE or FROZEN), else WrongNode. A replicated
+        shard's leader first waits until what it holds is acknowledged."""
+        h = self._get(shard_id, State.ACTIVE, State.FROZEN)
+        if h.replication is not None:
+            h.replication.barrier()
+        assert isinstance(h.shard, Shard), shard_id
+        return h.shard
+
+    def any_reader(self, shard_id: ShardId) -> Shard:
+        """A shard held here for an eventual read: any replica, followers too."""
+        return self._data(shard_id, State.ACTIVE, State.FROZEN, State.FOLLOWER)
+
+    def hosted(self, shard_id: ShardId) -> Hosted | None:
+        with self._lock:
+            return self._shards.get(shard_id)
+
+    def set_state(self, shard_id: ShardId, state: State) -> None:
+        """Make a held shard leader (ACTIVE) or FOLLOWER of its replica set."""
+        with self._lock:
+            h = self._shards.get(shard_id)
+        if h is None:
+            return
+        with h.shard.lock:
+            h.state = state
 
     def writer(self, shard_id: ShardId) -> Shard:
         """A shard held here for writing (ACTIVE), else WrongNode."""
@@ -293,13 +339,13 @@ class ShardHost:
             self._shards[shard_id] = hosted
         log.info("opened shard %s (%s)", shard_name(shard_id), state.value)
 
-    def reopen(self, shard_id: ShardId) -> None:
-        """Open a shard found on disk (after a restart) as ACTIVE."""
+    def reopen(self, shard_id: ShardId, state: State = State.ACTIVE) -> None:
+        """Open a shard found on disk (after a restart) in ``state``."""
         path = self._path(shard_id)
         config: CollectionConfig | None = None
         if shard_id != COORDINATION:
             config = from_json((path / "config.json").read_bytes(), CollectionConfig)
-        self._install(shard_id, config, path, State.ACTIVE)
+        self._install(shard_id, config, path, state)
 
     def activate(self, shard_id: ShardId) -> None:
         """The map names this node: a READY (or FROZEN) shard starts serving writes."""
@@ -455,6 +501,7 @@ class ShardHost:
             )
         out: dict[int, list[int]] = {}
         tokens: list[tuple[Shard, int]] = []
+        written: list[tuple[Hosted, int]] = []
         with ExitStack() as stack:
             plans = []
             for h in hosted:
@@ -464,16 +511,20 @@ class ShardHost:
                 h._gate()
                 floor = (version_floors or {}).get(h.id[1], 0)
                 plan = shard.plan_put(prepared[h.id[1]], idempotency_key, fence, floor)
-                plans.append((h.id[1], shard, plan))
-            for number, shard, plan in plans:
+                plans.append((h, shard, plan))
+            for h, shard, plan in plans:
+                number = h.id[1]
                 if isinstance(plan, list):
-                    out[number] = plan
+                    out[number] = plan  # a resend: the first write may still be replicating
                 else:
                     token, out[number] = shard.write_planned(plan)
                     tokens.append((shard, token))
+                written.append((h, shard.applied_seq))
         with self._serving():
             for shard, token in tokens:
                 shard.commit(token)
+        for h, seq in written:
+            h.replicated(seq)
         return out
 
     def get(self, shard_id: ShardId, namespace: tuple[str, ...], key: str) -> Memory | None:
@@ -488,9 +539,13 @@ class ShardHost:
         fence: tuple[str, int] | None = None,
     ) -> int:
         """Delete these memories from one shard; returns how many existed."""
-        shard = self._data(shard_id, State.ACTIVE)
+        h = self._get(shard_id, State.ACTIVE)
+        shard = h.shard
+        assert isinstance(shard, Shard)
         with self._serving():
-            return sum(shard.delete(ns, key, fence) for ns, key in keys)
+            count = sum(shard.delete(ns, key, fence) for ns, key in keys)
+        h.replicated(shard.applied_seq)
+        return count
 
     def locate(
         self, shard_id: ShardId, keys: Sequence[tuple[tuple[str, ...], str]]
@@ -502,9 +557,13 @@ class ShardHost:
     def delete_versions(
         self, shard_id: ShardId, items: Sequence[tuple[tuple[str, ...], str, int]]
     ) -> int:
-        shard = self.writer(shard_id)
+        h = self._get(shard_id, State.ACTIVE)
+        shard = h.shard
+        assert isinstance(shard, Shard)
         with self._serving():
-            return shard.delete_versions(items)
+            count = shard.delete_versions(items)
+        h.replicated(shard.applied_seq)
+        return count
 
     def _each(self, shards: Sequence[ShardId], call: Callable[[Shard], R]) -> list[R]:
         readers = [self.reader(s) for s in shards]
@@ -533,9 +592,12 @@ class ShardHost:
         return sum(self._each(shards, lambda s: s.count(prefix, flt)))
 
     def delete_where(self, shards: Sequence[ShardId], prefix: tuple[str, ...], flt: Filter) -> int:
-        for s in shards:
-            self._get(s, State.ACTIVE)
-        return sum(self._each(shards, lambda s: s.delete_where(prefix, flt)))
+        held = [self._get(s, State.ACTIVE) for s in shards]
+        count = sum(self._each(shards, lambda s: s.delete_where(prefix, flt)))
+        for h in held:
+            assert isinstance(h.shard, Shard)
+            h.replicated(h.shard.applied_seq)
+        return count
 
     def list_page(
         self,

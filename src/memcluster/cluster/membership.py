@@ -45,6 +45,11 @@ async def live_nodes(coord: Coordinator, cluster: str) -> list[NodeInfo]:
     return [msgspec.json.decode(kv.value, type=NodeInfo) for kv in kvs]
 
 
+LEASE_SAFETY = 0.75
+"""The share of the lease TTL after a confirmed renewal during which the node counts its lease
+as certainly valid (the rest is margin for clock rate differences and etcd's timing)."""
+
+
 class Member:
     """Keeps this node registered in cluster ``cluster`` while :meth:`run` runs."""
 
@@ -59,6 +64,14 @@ class Member:
         self.lease: int | None = None
         self.registered = asyncio.Event()
         self._stop = asyncio.Event()
+        self._valid_until = 0.0
+
+    def lease_valid(self) -> bool:
+        """Whether the node's lease is certainly still alive in etcd (any thread): the last
+        renewal that etcd confirmed was sent less than ``LEASE_SAFETY`` of the TTL ago, by
+        the monotonic clock. A leader serves strong reads only while this holds: once it
+        may have expired, the controller may have promoted another replica."""
+        return time.monotonic() < self._valid_until
 
     async def _register(self) -> None:
         self.lease = await self.coord.grant_lease(self.lease_ttl_s)
@@ -75,13 +88,15 @@ class Member:
         last_renewal = 0.0
         while not self._stop.is_set():
             try:
+                sent = time.monotonic()
                 if self.state is MemberState.JOINING:
                     await self._register()
-                    last_renewal = time.monotonic()
                 else:
                     assert self.lease is not None
                     await self.coord.keepalive(self.lease)
-                    last_renewal = time.monotonic()
+                last_renewal = time.monotonic()
+                # etcd restarted the TTL after it got the request, so after ``sent``.
+                self._valid_until = sent + self.lease_ttl_s * LEASE_SAFETY
             except LeaseExpired:
                 log.warning("node %s: its lease expired; joining again", self.info.id)
                 self.state = MemberState.JOINING

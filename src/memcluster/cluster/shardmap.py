@@ -46,6 +46,8 @@ class Snapshot(msgspec.Struct, frozen=True):
     shards: dict[tuple[str, int], ShardAssignment] = {}
     nodes: dict[str, NodeInfo] = {}
     draining: frozenset[str] = frozenset()
+    shard_revisions: dict[tuple[str, int], int] = {}
+    """Each shard entry's etcd mod revision (replicas condition their proposals on it)."""
 
     def owner(self, collection: str, shard: int) -> str | None:
         a = self.shards.get((collection, shard))
@@ -163,6 +165,7 @@ class ShardMap:
         c = self.cluster
         collections: dict[str, CollectionConfig] = {}
         shards: dict[tuple[str, int], ShardAssignment] = {}
+        revisions: dict[tuple[str, int], int] = {}
         nodes: dict[str, NodeInfo] = {}
         draining: set[str] = set()
         for key, kv in self._kvs.items():
@@ -176,8 +179,10 @@ class ShardMap:
                 elif key.startswith(shards_prefix(c)):
                     name, _, number = key[len(shards_prefix(c)) :].decode().partition("/")
                     shards[(name, int(number))] = decode(kv.value, ShardAssignment, key)
+                    revisions[(name, int(number))] = kv.mod_revision
                 elif key == coordination_key(c):
                     shards[COORDINATION] = decode(kv.value, ShardAssignment, key)
+                    revisions[COORDINATION] = kv.mod_revision
                 elif key.startswith(draining_prefix(c)):
                     draining.add(key[len(draining_prefix(c)) :].decode())
             except (CorruptionError, ValueError) as exc:
@@ -189,4 +194,5 @@ class ShardMap:
             shards=shards,
             nodes=nodes,
             draining=frozenset(draining),
+            shard_revisions={s: revisions[s] for s in shards},
         )

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from memcluster.core.types import CollectionConfig, Event, Hit, Memory
+from memcluster.replication.leader import Append, StatusRequest
 
 Key = tuple[tuple[str, ...], str]
 
@@ -254,3 +255,40 @@ class ShardFeedItem(msgspec.Struct):
     event: Event | None
     position: int
     """The shard's seq after this item: the event's version, or how far the feed was read."""
+
+
+# -- replication (a replicated shard's leader and followers) -------------------------------
+
+
+class ReplAppend(msgspec.Struct, kw_only=True):
+    """Leader to follower: ``append`` for this shard; the reply is an ``AppendAck``."""
+
+    collection: str
+    shard: int
+    sender: str
+    append: Append
+
+
+class ReplStatus(msgspec.Struct, kw_only=True):
+    """Controller to replica during a failover: adopt the epoch, say how far you are
+    (reply: ``Status``)."""
+
+    collection: str
+    shard: int
+    request: StatusRequest
+
+
+class History(msgspec.Struct):
+    """A replica's epoch history: (epoch, first seq) pairs and the highest epoch adopted."""
+
+    epochs: list[tuple[int, int]]
+    adopted: int
+
+
+class ReplResync(msgspec.Struct, kw_only=True):
+    """Leader to follower: my log no longer reaches back to where yours ends (or yours
+    diverged): copy the shard from ``source`` (snapshot plus log tail)."""
+
+    collection: str
+    shard: int
+    source: str

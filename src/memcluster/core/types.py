@@ -52,6 +52,29 @@ class Durability(enum.StrEnum):
     may lose anything on a crash of the machine. For tests and scratch data."""
 
 
+class Replication(enum.StrEnum):
+    """How a shard's replicas stay in step (DESIGN.md §6)."""
+
+    LEADER = "leader"
+    """One leader takes the shard's writes and streams its log to the followers."""
+    CHAIN = "chain"
+    """Writes enter at the head and flow to the tail, which acknowledges."""
+    MULTI = "multi"
+    """Every replica takes writes; conflicts resolve last-writer-wins."""
+
+
+class Ack(enum.StrEnum):
+    """When a write to a replicated shard is acknowledged."""
+
+    ALL = "all"
+    """Once every in-sync replica has it (durable on each): survives any failover."""
+    MAJORITY = "majority"
+    """Once a majority of the replicas has it."""
+    LEADER = "leader"
+    """Once the leader has it (asynchronous replication): a failover can lose the writes of
+    the last moments."""
+
+
 class Sharding(enum.StrEnum):
     """How memories are spread over a collection's shards."""
 
@@ -123,6 +146,11 @@ class CollectionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     """Vector sharding in a cluster, without ``centroids``: every memory goes to shard 0
     until it holds this many; then k-means on a sample learns one centroid per shard and
     the memories move to their nearest centroid's shard."""
+    replication_factor: int = 1
+    """Copies of each shard, on distinct nodes (a cluster with at least that many nodes)."""
+    replication: Replication = Replication.LEADER
+    ack: Ack = Ack.ALL
+    """When writes are acknowledged, for replicated collections."""
 
 
 class Memory(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):

@@ -193,6 +193,9 @@ class Write(msgspec.Struct, frozen=True):
     payload: bytes
     count: int = 1
     """How many sequence numbers the write takes."""
+    seq: int = 0
+    """Its last sequence number when the log has it already (a shard's WAL, written by the
+    shard before the replica hears of it); 0: the next ones."""
 
 
 class Receive(msgspec.Struct, frozen=True):
@@ -306,7 +309,8 @@ class Replica:
     def _write(self, w: Write) -> list[Action]:
         if not self.is_leader:
             return [Reply(w.request, 0, f"not the leader of epoch {self.config.epoch}")]
-        entry = Entry(self.last[0] + w.count, self.epoch, w.payload, w.count)
+        seq = w.seq or self.last[0] + w.count
+        entry = Entry(seq, self.epoch, w.payload, w.count)
         self.log.append(entry)
         self._pending[w.request] = entry.seq
         for f in self._followers():
@@ -491,6 +495,15 @@ class Replica:
         if not self.is_leader:
             return []
         return self._replicate() + self._answer()
+
+    def committed(self) -> int:
+        """The highest seq that may be acknowledged now (0 unless leading): reads at the
+        leader wait for it to cover what they could see."""
+        return self._needed() if self.is_leader else 0
+
+    def follower_acks(self) -> dict[str, int]:
+        """Leading: the highest seq each follower acknowledged in this epoch."""
+        return dict(self._acked) if self.is_leader else {}
 
     def pending(self) -> dict[int, int]:
         """Client requests waiting for acknowledgement: request -> seq."""

@@ -181,6 +181,9 @@ class Shard:
         )
         self.applied_seq = 0
         self.write_gate: Callable[[], None] | None = None
+        self.on_written: Callable[[Record], None] | None = None
+        """Called under the lock after each record this shard writes itself (not those
+        :meth:`write_replicated` takes from a leader): a replicated shard's leader ships it."""
         """Called under the lock before every client write; raising refuses the write. A
         cluster node uses it to stop writes to a shard it is handing over, atomically with
         the handover's last read of the log."""
@@ -572,7 +575,23 @@ class Shard:
         if gate and self.write_gate is not None:
             self.write_gate()
 
-    def _write(self, record: Record) -> int:
+    def write_replicated(self, record: Record) -> int:
+        """Log and apply a record of this shard's leader (this copy is a follower); returns
+        the WAL token for :meth:`commit`. Caller holds the lock."""
+        self._check_writable(gate=False)
+        if record.seq != self.applied_seq + 1:
+            raise CorruptionError(
+                f"{self.name}: replicated record seq {record.seq} does not follow applied seq"
+                f" {self.applied_seq}"
+            )
+        return self._write(record, replicated=True)
+
+    def wal_first_seq(self) -> int:
+        """The lowest seq the WAL still holds (a follower further behind needs a snapshot)."""
+        with self._wal_read_lock:
+            return self._wal.first_seq()
+
+    def _write(self, record: Record, *, replicated: bool = False) -> int:
         """Log and apply one record; returns the WAL token. Caller holds the lock."""
         self._last_write_mono = self._clock.monotonic()
         try:
@@ -586,6 +605,8 @@ class Shard:
             # The log holds a record that memory does not: stop rather than diverge.
             self._failed = f"apply of seq {record.seq} failed: {exc!r}"
             raise
+        if self.on_written is not None and not replicated:
+            self.on_written(record)
         return token
 
     def commit(self, token: int) -> None:

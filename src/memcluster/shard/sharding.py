@@ -57,7 +57,9 @@ import numpy.typing as npt
 from memcluster.core import validation
 from memcluster.core.errors import InvalidArgument, InvalidMetadata
 from memcluster.core.hashing import namespace_hash, shard_of
-from memcluster.core.types import CollectionConfig, Metric, Sharding
+from memcluster.core.types import CollectionConfig, Metric, Replication, Sharding
+
+MAX_REPLICATION_FACTOR = 7
 
 __all__ = ["Sharder", "check_config", "config_fields", "kmeans", "parse_shard_key"]
 
@@ -102,6 +104,16 @@ def check_config(config: CollectionConfig) -> CollectionConfig:
         raise _fail(f"collection config: {exc}") from None
     if config.shards < 1 or config.dim < 1:
         raise _fail(f"shards ({config.shards}) and dim ({config.dim}) must be at least 1")
+    if not 1 <= config.replication_factor <= MAX_REPLICATION_FACTOR:
+        raise _fail(
+            f"replication_factor is {config.replication_factor}; give 1 (no copies) to"
+            f" {MAX_REPLICATION_FACTOR}, at most the number of nodes"
+        )
+    if config.replication is not Replication.LEADER:
+        raise _fail(
+            f"replication={config.replication.value!r} is not available yet; use"
+            " replication='leader' (leader-follower, with ack='all', 'majority' or 'leader')"
+        )
     strategy = config.sharding
     extra = {
         "shard_key": config.shard_key != "key",
@@ -560,6 +572,9 @@ def config_fields(
     nprobe: int | None,
     split_items: int | None = None,
     train_after: int | None = None,
+    replication_factor: int = 1,
+    replication: str = "leader",
+    ack: str = "all",
 ) -> dict[str, Any]:
     """The sharding fields of a ``CollectionConfig`` from ``create_collection``'s arguments
     (embedded and remote alike): arrays as lists of floats, and ``centroids`` computed from
@@ -580,6 +595,9 @@ def config_fields(
         "nprobe": nprobe,
         "split_items": split_items,
         "train_after": train_after,
+        "replication_factor": replication_factor,
+        "replication": replication,
+        "ack": ack,
     }
 
 
