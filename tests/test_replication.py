@@ -29,9 +29,7 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
 
 
 @pytest.fixture
-def cluster(
-    request: pytest.FixtureRequest, tmp_path: Path, etcd: EtcdProcess
-) -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest, tmp_path: Path, etcd: EtcdProcess) -> Iterator[Cluster]:
     yield from cluster_fixture(request, tmp_path, etcd=etcd, name=f"r{time.monotonic_ns()}")
 
 
@@ -109,7 +107,9 @@ def test_writes_replicate_and_survive_kill_9_of_the_leader(cluster: Cluster) -> 
     gap = max(
         b - a for a, b in zip(writer.ack_times, writer.ack_times[1:], strict=False) if b > killed_at
     )
-    print(f"leader kill -9 -> first acknowledged write: {resumed - killed_at:.2f} s; longest gap {gap:.2f} s")
+    print(
+        f"leader kill -9 -> first acknowledged write: {resumed - killed_at:.2f} s; longest gap {gap:.2f} s"
+    )
     after = _assignment(cluster, "rep")
     assert after is not None
     assert after.leader not in (None, leader)
@@ -147,7 +147,11 @@ def test_a_killed_follower_leaves_the_in_sync_set_and_writes_go_on(cluster: Clus
         before = len(writer.acked)
         writer.wait_acked(before + 100, timeout_s=60.0)
     stalled = max(
-        (b - a for a, b in zip(writer.ack_times, writer.ack_times[1:], strict=False) if b > killed_at),
+        (
+            b - a
+            for a, b in zip(writer.ack_times, writer.ack_times[1:], strict=False)
+            if b > killed_at
+        ),
         default=0.0,
     )
     print(f"follower kill -9: writes stalled {stalled:.2f} s at most")
@@ -171,9 +175,7 @@ def test_everything_restarts_and_no_acknowledged_write_is_lost(cluster: Cluster)
     cluster.add_nodes("n1", "n2", "n3")
     client = cluster.client("n1", "binary")
     client.create_collection("all", dim=4, shards=2, replication_factor=3, ack="majority")
-    cluster.wait_for(
-        lambda: all(_assignment(cluster, "all", s) for s in (0, 1)), 30.0, "placement"
-    )
+    cluster.wait_for(lambda: all(_assignment(cluster, "all", s) for s in (0, 1)), 30.0, "placement")
     with Writer(client, "all") as writer:
         writer.wait_acked(150)
     for name in ("n1", "n2", "n3"):
