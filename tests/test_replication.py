@@ -45,6 +45,23 @@ def _assignment(cluster: Cluster, collection: str, shard: int = 0) -> ShardAssig
     return None
 
 
+def _placed(cluster: Cluster, collection: str, shard: int = 0) -> ShardAssignment:
+    """The shard's assignment once the controller placed it with a leader."""
+    found = cluster.wait_for(
+        lambda: (a := _assignment(cluster, collection, shard)) is not None and a.leader and a,
+        30.0,
+        f"{collection}/{shard} placed",
+    )
+    assert isinstance(found, ShardAssignment)
+    return found
+
+
+def _longest_pause(ack_times: list[float], since: float) -> float:
+    """The longest time without an acknowledged write after ``since``."""
+    after = [t for t in ack_times if t > since]
+    return max((b - a for a, b in zip([since, *after], after, strict=False)), default=0.0)
+
+
 class Writer:
     """Writes k0, k1, ... one at a time through one node, until stopped; remembers which
     writes were acknowledged and when writes failed."""
@@ -92,8 +109,9 @@ def test_writes_replicate_and_survive_kill_9_of_the_leader(cluster: Cluster) -> 
     cluster.add_nodes("n1", "n2", "n3")
     client = cluster.client("n1", "binary")
     client.create_collection("rep", dim=4, replication_factor=3)
-    assignment = cluster.wait_for(lambda: _assignment(cluster, "rep"), 30.0, "placement")
-    assert len(assignment.replicas) == 3 and set(assignment.in_sync) == set(assignment.replicas)
+    assignment = _placed(cluster, "rep")
+    assert len(assignment.replicas) == 3
+    assert set(assignment.in_sync) == set(assignment.replicas)
     leader = assignment.leader
     assert leader is not None
     entry = next(n for n in ("n1", "n2", "n3") if n != leader)
@@ -103,13 +121,9 @@ def test_writes_replicate_and_survive_kill_9_of_the_leader(cluster: Cluster) -> 
         cluster.kill(leader)
         before = len(writer.acked)
         writer.wait_acked(before + 200, timeout_s=60.0)
-    resumed = next(t for t in writer.ack_times if t > killed_at + 0.001)
-    gap = max(
-        b - a for a, b in zip(writer.ack_times, writer.ack_times[1:], strict=False) if b > killed_at
-    )
-    print(
-        f"leader kill -9 -> first acknowledged write: {resumed - killed_at:.2f} s; longest gap {gap:.2f} s"
-    )
+    paused = _longest_pause(writer.ack_times, killed_at)
+    print(f"leader kill -9: writes paused {paused:.2f} s at most")
+    assert paused < 10.0
     after = _assignment(cluster, "rep")
     assert after is not None
     assert after.leader not in (None, leader)
@@ -138,7 +152,7 @@ def test_a_killed_follower_leaves_the_in_sync_set_and_writes_go_on(cluster: Clus
     cluster.add_nodes("n1", "n2", "n3")
     client = cluster.client("n1", "binary")
     client.create_collection("f", dim=4, replication_factor=3)
-    first = cluster.wait_for(lambda: _assignment(cluster, "f"), 30.0, "placement")
+    first = _placed(cluster, "f")
     follower = next(n for n in first.replicas if n != first.leader)
     with Writer(client, "f") as writer:
         writer.wait_acked(100)
@@ -146,25 +160,18 @@ def test_a_killed_follower_leaves_the_in_sync_set_and_writes_go_on(cluster: Clus
         cluster.kill(follower)
         before = len(writer.acked)
         writer.wait_acked(before + 100, timeout_s=60.0)
-    stalled = max(
-        (
-            b - a
-            for a, b in zip(writer.ack_times, writer.ack_times[1:], strict=False)
-            if b > killed_at
-        ),
-        default=0.0,
-    )
-    print(f"follower kill -9: writes stalled {stalled:.2f} s at most")
+    paused = _longest_pause(writer.ack_times, killed_at)
+    print(f"follower kill -9: writes paused {paused:.2f} s at most")
+    assert paused < 10.0
     now = _assignment(cluster, "f")
-    assert now is not None and follower not in now.in_sync and now.leader == first.leader
+    assert now is not None
+    assert follower not in now.in_sync
+    assert now.leader == first.leader
     _all_there(cluster, "n1", "f", writer.acked)
     cluster.restart(follower)
     cluster.wait_for(
         lambda: follower in (_assignment(cluster, "f") or now).in_sync, 60.0, "back in sync"
     )
-    # It holds every write: make it the leader by killing the others' leader, then read.
-    with Writer(client, "f") as more:
-        more.wait_acked(20)
     _all_there(cluster, follower, "f", writer.acked)
 
 
