@@ -187,6 +187,8 @@ class Cluster:
         self.root = root
         self.name = cluster
         self.lease_ttl_s = lease_ttl_s
+        self.etcd_via: dict[str, str] = {}
+        """Per node name: the etcd URL it is given instead (a proxy a test can cut)."""
         self._own_etcd = etcd is None
         self.etcd = etcd if etcd is not None else EtcdProcess(root / "etcd")
         self.nodes: dict[str, Node] = {}
@@ -211,7 +213,7 @@ class Cluster:
                 name,
                 self.root / name,
                 self.root / f"{name}.log",
-                self.etcd.url,
+                self.etcd_via.get(name, self.etcd.url),
                 self.name,
                 self.lease_ttl_s,
             )

@@ -6,6 +6,8 @@ acknowledged, and checks afterwards that every one of them is there."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -202,3 +204,132 @@ def test_everything_restarts_and_no_acknowledged_write_is_lost(cluster: Cluster)
     _all_there(cluster, "n2", "all", writer.acked)
     with Writer(cluster.client("n3", "binary"), "all") as more:
         more.wait_acked(20, timeout_s=60.0)
+
+
+class Proxy:
+    """A TCP proxy on loopback in front of etcd for one node; :meth:`cut` drops every
+    connection and refuses new ones (the node is cut off from etcd, not from its peers)."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").split(":")
+        self._target = (host, int(port))
+        self._cut = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if self._cut.is_set():
+                client.close()
+                continue
+            upstream = socket.create_connection(self._target)
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self._cut.set()
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def close(self) -> None:
+        self.cut()
+        self._server.close()
+
+
+def test_eventual_reads_are_served_by_followers_while_the_leader_is_down(
+    cluster: Cluster,
+) -> None:
+    """With the leader killed and no failover yet, an eventual read through a follower
+    answers from its own copy at once; a strong read waits for the new leader."""
+    cluster.add_nodes("n1", "n2", "n3")
+    client = cluster.client("n1", "binary")
+    client.create_collection("ev", dim=4, replication_factor=3)
+    first = _placed(cluster, "ev")
+    assert first.leader is not None
+    follower = next(n for n in first.replicas if n != first.leader)
+    coll = client.collection("ev")
+    coll.put_many([_memory(i) for i in range(20)])
+    reader = cluster.client(follower, "binary").collection("ev")
+    assert reader.get(("a",), "k7", consistency="eventual") is not None  # connected
+    cluster.kill(first.leader)
+    started = time.monotonic()
+    got = reader.get(("a",), "k7", consistency="eventual")
+    eventual_s = time.monotonic() - started
+    assert got is not None
+    assert got.metadata == {"i": 7}
+    hits = reader.search(np.ones(4), k=20, consistency="eventual")
+    assert {h.memory.key for h in hits} == {f"k{i}" for i in range(20)}
+    during = _assignment(cluster, "ev")
+    assert during is not None
+    assert during.epoch == first.epoch, "the failover came first: the reads proved nothing"
+    started = time.monotonic()
+    assert reader.get(("a",), "k7") is not None  # strong: after the failover
+    strong_s = time.monotonic() - started
+    print(f"with the leader dead: eventual get {eventual_s * 1000:.0f} ms, strong {strong_s:.2f} s")
+    assert eventual_s < 1.0
+
+
+def test_a_leader_cut_off_from_etcd_stops_serving_strong_reads(
+    cluster: Cluster, etcd: EtcdProcess
+) -> None:
+    """The leader loses etcd (not its peers): once its lease may have expired it refuses
+    strong reads (ShardUnavailable) while still serving eventual ones; the controller
+    promotes another replica, through which strong reads and writes go on."""
+    proxies = {name: Proxy(etcd.url) for name in ("n1", "n2", "n3")}
+    try:
+        for name, proxy in proxies.items():
+            cluster.etcd_via[name] = proxy.url
+        cluster.add_nodes("n1", "n2", "n3")
+        client = cluster.client("n1", "binary")
+        client.create_collection("cut", dim=4, replication_factor=3)
+        first = _placed(cluster, "cut")
+        leader = first.leader
+        assert leader is not None
+        client.collection("cut").put_many([_memory(i) for i in range(10)])
+        at_leader = cluster.client(leader, "binary").collection("cut")
+        assert at_leader.get(("a",), "k1") is not None
+        cut_at = time.monotonic()
+        proxies[leader].cut()
+
+        def refused() -> bool:
+            try:
+                at_leader.get(("a",), "k1")
+            except memcluster.ShardUnavailable:
+                return True
+            return False
+
+        cluster.wait_for(refused, 10.0, "the cut-off leader refusing strong reads")
+        refused_s = time.monotonic() - cut_at
+        assert at_leader.get(("a",), "k1", consistency="eventual") is not None
+        other = next(n for n in first.replicas if n != leader)
+        elsewhere = cluster.client(other, "binary").collection("cut")
+        elsewhere.put_many([_memory(100)])
+        assert elsewhere.get(("a",), "k100") is not None
+        now = _assignment(cluster, "cut")
+        assert now is not None
+        assert now.leader not in (None, leader)
+        print(f"cut off from etcd: strong reads refused after {refused_s:.2f} s")
+        cluster.kill(leader)  # it cannot deregister without etcd
+    finally:
+        for proxy in proxies.values():
+            proxy.close()

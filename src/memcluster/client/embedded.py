@@ -905,8 +905,12 @@ class Collection:
         prefix = validation.namespace(namespace, self._db.config, allow_empty=True)
         return prefix, compile_filter(filter)
 
-    def get(self, namespace: Namespace, key: str) -> Memory | None:
-        """The memory at (namespace, key) with its vector, or None if absent or expired."""
+    def get(
+        self, namespace: Namespace, key: str, consistency: Consistency | str = Consistency.STRONG
+    ) -> Memory | None:
+        """The memory at (namespace, key) with its vector, or None if absent or expired.
+        ``consistency`` is accepted for the cluster's signature: one process has one copy."""
+        validation.enum_value("consistency", consistency, Consistency)
         shard, ns, k = self._locate(namespace, key)
         if shard is not None:
             return shard.get(ns, k)

@@ -642,9 +642,16 @@ class AsyncCollection:
         )
         return (await self._call("put", body, api.PutReply)).versions
 
-    async def get(self, namespace: Namespace, key: str) -> Memory | None:
-        """The memory at (namespace, key) with its vector, or None."""
-        body = api.KeyBody(namespace=_as_namespace(namespace), key=key)
+    async def get(
+        self, namespace: Namespace, key: str, consistency: Consistency | str = Consistency.STRONG
+    ) -> Memory | None:
+        """The memory at (namespace, key) with its vector, or None. ``consistency``: see
+        :class:`~memcluster.core.api.Consistency` ("eventual" reads any replica)."""
+        body = api.GetBody(
+            namespace=_as_namespace(namespace),
+            key=key,
+            consistency=validation.enum_value("consistency", consistency, Consistency),
+        )
         memory = (await self._call("get", body, api.GetReply)).memory
         api.vectors_to_numpy(memory)
         return memory

@@ -338,9 +338,12 @@ class Collection:
         """Write a batch; returns the versions in input order."""
         return self._run(self._async.put_many(memories, idempotency_key, fence))
 
-    def get(self, namespace: Namespace, key: str) -> Memory | None:
-        """The memory at (namespace, key) with its vector, or None."""
-        return self._run(self._async.get(namespace, key))
+    def get(
+        self, namespace: Namespace, key: str, consistency: Consistency | str = Consistency.STRONG
+    ) -> Memory | None:
+        """The memory at (namespace, key) with its vector, or None. ``consistency``: see
+        :class:`~memcluster.core.api.Consistency` ("eventual" reads any replica)."""
+        return self._run(self._async.get(namespace, key, consistency))
 
     def delete(self, namespace: Namespace, key: str, fence: tuple[str, int] | None = None) -> bool:
         """Delete the memory at (namespace, key); True if it existed."""

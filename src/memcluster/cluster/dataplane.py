@@ -271,6 +271,14 @@ class DataPlane:
                     self._on_repl(lambda b: self._driver(b).on_status(b)),
                 ),
                 "repl.history": (wire.ShardRef, self._on_repl(self._history)),
+                "repl.info": (
+                    wire.Empty,
+                    self._on_repl(
+                        lambda _: wire.ReplicaInfos(
+                            [d.info() for d in list(self.replicas.values())]
+                        )
+                    ),
+                ),
                 "repl.resync": (wire.ReplResync, self._resync_handler),
                 "shard.unfreeze": (wire.ShardRef, self._unfreeze),
                 "shard.pull": (wire.Pull, self._pull_handler),
@@ -363,7 +371,7 @@ class DataPlane:
 
     def _get(self, b: wire.ShardGet) -> wire.ShardGetReply:
         for n in b.shards:
-            memory = self.host.get((b.collection, n), b.namespace, b.key)
+            memory = self.host.get((b.collection, n), b.namespace, b.key, eventual=b.eventual)
             if memory is not None:
                 return wire.ShardGetReply(memory)
         return wire.ShardGetReply(None)
@@ -390,7 +398,9 @@ class DataPlane:
         shards = [(b.collection, n) for n in b.shards]
         config = self._config_of(b.collection)
         query = validation.query_vector(b.vector, config.dim, config.metric)
-        return wire.ShardHits(self.host.search(shards, query, b.k, prefix, flt, b.include_vectors))
+        return wire.ShardHits(
+            self.host.search(shards, query, b.k, prefix, flt, b.include_vectors, b.eventual)
+        )
 
     def _config_of(self, collection: str) -> CollectionConfig:
         config = self.map.current.collections.get(collection)

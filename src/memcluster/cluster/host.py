@@ -527,8 +527,10 @@ class ShardHost:
             h.replicated(seq)
         return out
 
-    def get(self, shard_id: ShardId, namespace: tuple[str, ...], key: str) -> Memory | None:
-        shard = self.reader(shard_id)
+    def get(
+        self, shard_id: ShardId, namespace: tuple[str, ...], key: str, *, eventual: bool = False
+    ) -> Memory | None:
+        shard = self.any_reader(shard_id) if eventual else self.reader(shard_id)
         with self._serving():
             return shard.get(namespace, key)
 
@@ -565,8 +567,10 @@ class ShardHost:
         h.replicated(shard.applied_seq)
         return count
 
-    def _each(self, shards: Sequence[ShardId], call: Callable[[Shard], R]) -> list[R]:
-        readers = [self.reader(s) for s in shards]
+    def _each(
+        self, shards: Sequence[ShardId], call: Callable[[Shard], R], eventual: bool = False
+    ) -> list[R]:
+        readers = [self.any_reader(s) if eventual else self.reader(s) for s in shards]
         with self._serving():
             if len(readers) == 1:
                 return [call(readers[0])]
@@ -580,10 +584,16 @@ class ShardHost:
         prefix: tuple[str, ...],
         flt: Filter,
         include_vectors: bool,
+        eventual: bool = False,
     ) -> list[Hit]:
-        """The global top-k of these shards (by score, ties by namespace and key)."""
+        """The global top-k of these shards (by score, ties by namespace and key); with
+        ``eventual``, from followers too, without waiting for acknowledgements."""
         hits: list[Hit] = []
-        for found in self._each(shards, lambda s: s.search(query, k, prefix, flt, include_vectors)):
+
+        def search(shard: Shard) -> list[Hit]:
+            return shard.search(query, k, prefix, flt, include_vectors)
+
+        for found in self._each(shards, search, eventual):
             hits.extend(found)
         hits.sort(key=lambda h: (-h.score, h.memory.namespace, h.memory.key))
         return hits[:k]

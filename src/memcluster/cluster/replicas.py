@@ -437,17 +437,20 @@ class ReplicaDriver:
                 return action.message
         raise AssertionError(actions)  # pragma: no cover: a StatusRequest always answers
 
-    def status(self) -> dict[str, object]:
+    def info(self) -> wire.ReplicaInfo:
         """Role, epoch, last seq, committed seq and each follower's acknowledged seq."""
         with self._lock:
             r = self.replica
-            return {
-                "epoch": r.epoch,
-                "leader": r.is_leader,
-                "last": r.last[0],
-                "committed": r.committed(),
-                "acked": r.follower_acks(),
-            }
+            return wire.ReplicaInfo(
+                collection=self.shard_id[0],
+                shard=self.shard_id[1],
+                epoch=r.epoch,
+                leading=r.is_leader,
+                last=r.last[0],
+                committed=r.committed(),
+                acked=r.follower_acks(),
+                state=self.hosted.state.value,
+            )
 
     def close(self) -> None:
         """Stop driving (the shard leaves the node, or the node stops)."""

@@ -39,6 +39,7 @@ class ShardGet(msgspec.Struct, kw_only=True):
     shards: list[int]
     namespace: tuple[str, ...]
     key: str
+    eventual: bool = False
 
 
 class ShardGetReply(msgspec.Struct):
@@ -100,6 +101,8 @@ class ShardSearch(msgspec.Struct, kw_only=True):
     namespace: tuple[str, ...] = ()
     filter: dict[str, Any] | None = None
     include_vectors: bool = False
+    eventual: bool = False
+    """Served by whichever replica receives it (a follower too), without waiting."""
 
 
 class ShardHits(msgspec.Struct):
@@ -276,6 +279,31 @@ class ReplStatus(msgspec.Struct, kw_only=True):
     collection: str
     shard: int
     request: StatusRequest
+
+
+class ReplicaInfo(msgspec.Struct, kw_only=True):
+    """One replica's state on its node, for ``memcluster status``."""
+
+    collection: str
+    shard: int
+    epoch: int
+    leading: bool
+    last: int
+    """Its last seq."""
+    committed: int
+    """Leading: the highest seq acknowledged to writers (0 on followers)."""
+    acked: dict[str, int]
+    """Leading: the highest seq each follower acknowledged this epoch."""
+    state: str
+    """The host's state of the shard: active (leading), follower, ready, incoming, ..."""
+
+
+class ReplicaInfos(msgspec.Struct):
+    replicas: list[ReplicaInfo]
+
+
+class Empty(msgspec.Struct):
+    pass
 
 
 class History(msgspec.Struct):

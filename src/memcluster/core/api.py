@@ -157,6 +157,15 @@ class KeyCall(KeyBody, kw_only=True):
     collection: str
 
 
+class GetBody(KeyBody, kw_only=True, omit_defaults=True):
+    consistency: Consistency = Consistency.STRONG
+    """See :class:`Consistency` (a strong get has the bytes of protocol v1)."""
+
+
+class GetCall(GetBody, kw_only=True):
+    collection: str
+
+
 class DeleteBody(KeyBody, kw_only=True):
     fence: tuple[str, int] | None = None
 
@@ -371,7 +380,7 @@ OPERATIONS: dict[str, Operation] = {
         write=True,
     ),
     "get": Operation(
-        request=KeyCall, body=KeyBody, reply=GetReply, method="POST", path=_C + "/memories/get"
+        request=GetCall, body=GetBody, reply=GetReply, method="POST", path=_C + "/memories/get"
     ),
     "delete": Operation(
         request=DeleteCall,

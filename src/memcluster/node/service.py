@@ -43,7 +43,9 @@ class StoreCollection(Protocol):
         idempotency_key: str | None = None,
         fence: tuple[str, int] | None = None,
     ) -> list[int]: ...
-    def get(self, namespace: tuple[str, ...], key: str) -> Memory | None: ...
+    def get(
+        self, namespace: tuple[str, ...], key: str, consistency: str = "strong"
+    ) -> Memory | None: ...
     def delete(
         self, namespace: tuple[str, ...], key: str, fence: tuple[str, int] | None = None
     ) -> bool: ...
@@ -127,7 +129,13 @@ def _namespaces(kind: str, body: msgspec.Struct) -> Iterator[tuple[str, ...] | N
         for memory in body.memories:
             yield memory.namespace
     elif isinstance(
-        body, api.KeyBody | api.ScopeBody | api.SearchBody | api.ListBody | api.SubscribeBody
+        body,
+        api.KeyBody
+        | api.GetBody
+        | api.ScopeBody
+        | api.SearchBody
+        | api.ListBody
+        | api.SubscribeBody,
     ):
         yield body.namespace
 
@@ -300,8 +308,9 @@ class Service:
         coll = self.store.collection(collection)
         return api.PutReply(coll.put_many(body.memories, body.idempotency_key, body.fence))
 
-    def _get(self, collection: str, body: api.KeyBody) -> api.GetReply:
-        return api.GetReply(self.store.collection(collection).get(body.namespace, body.key))
+    def _get(self, collection: str, body: api.GetBody) -> api.GetReply:
+        coll = self.store.collection(collection)
+        return api.GetReply(coll.get(body.namespace, body.key, body.consistency))
 
     def _delete(self, collection: str, body: api.DeleteBody) -> api.DeleteReply:
         coll = self.store.collection(collection)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -90,6 +91,14 @@ ROUTE_DEADLINE_S = 15.0
 """How long a request keeps re-routing around moves and restarts before it fails."""
 
 
+def _eventual(consistency: Consistency | str) -> bool:
+    """Whether a read may be served by any replica. ``strong`` (and ``session``, for now
+    served like strong) read at the leader, once what it holds is acknowledged; ``quorum``
+    has no meaning for leader-follower shards and reads like strong."""
+    level = validation.enum_value("consistency", consistency, Consistency)
+    return level is Consistency.EVENTUAL
+
+
 class ClusterStore:
     """The cluster seen from one node. Its methods block: the server calls them on its
     request threads, and they talk to other nodes through the node's event loop."""
@@ -140,9 +149,14 @@ class ClusterStore:
         allow_partial: bool = False,
         resend: bool = True,
         reroute: bool = True,
+        any_replica: bool = False,
     ) -> tuple[list[T], list[str]]:
         """Send ``body(shards of a node)`` to each owner of ``shards``; the replies and the
         shards that could not answer (only with ``allow_partial``; else ShardUnavailable).
+        ``any_replica`` (eventual reads): to any live replica, this node's first.
+
+        A replicated shard whose leader is down waits for the failover (within the deadline)
+        instead of failing.
 
         A part refused with WrongNode (not applied) is sent again once the map changed,
         unless ``reroute`` is False (then WrongNode is raised, for a caller that must place
@@ -160,9 +174,21 @@ class ClusterStore:
             waiting: list[int] = []
             for n in pending:
                 owner = snap.owner(collection, n)
+                assignment = snap.shards.get((collection, n))
+                replicated = assignment is not None and len(assignment.replicas) > 1
+                if any_replica and assignment is not None:
+                    up = [r for r in assignment.replicas if r in snap.nodes]
+                    if up:
+                        owner = self.node_id if self.node_id in up else random.choice(up)
                 if owner is None:
                     waiting.append(n)
                     last_problem = f"shard {collection}/{n:04d} has no node yet"
+                elif owner not in snap.nodes and replicated:
+                    waiting.append(n)
+                    last_problem = (
+                        f"shard {collection}/{n:04d}: its leader {owner} is down and no replica"
+                        " has taken over yet"
+                    )
                 elif owner not in snap.nodes:
                     problem = (
                         f"shard {collection}/{n:04d} is unavailable: its node {owner} is down"
@@ -761,14 +787,23 @@ class ClusterCollection:
         shard = self._sharder.key_shard(ns, key)
         return self._all() if shard is None else [shard]
 
-    def get(self, namespace: tuple[str, ...], key: str) -> Memory | None:
+    def get(
+        self,
+        namespace: tuple[str, ...],
+        key: str,
+        consistency: Consistency | str = Consistency.STRONG,
+    ) -> Memory | None:
         ns, k = self._key(namespace, key)
+        eventual = _eventual(consistency)
         replies, _ = self._store.scatter(
             self.name,
             self._key_shards(ns, k),
             "shard.get",
-            lambda group: wire.ShardGet(collection=self.name, shards=group, namespace=ns, key=k),
+            lambda group: wire.ShardGet(
+                collection=self.name, shards=group, namespace=ns, key=k, eventual=eventual
+            ),
             wire.ShardGetReply,
+            any_replica=eventual,
         )
         found = [r.memory for r in replies if r.memory is not None]
         return max(found, key=lambda m: m.updated_at) if found else None
@@ -807,7 +842,7 @@ class ClusterCollection:
     ) -> SearchResult:
         cfg = self._store.config
         validation.int_in_range("k", k, 1, cfg.search_k_max)
-        validation.enum_value("consistency", consistency, Consistency)
+        eventual = _eventual(consistency)
         if nprobe is not None:
             validation.int_in_range("nprobe", nprobe, 0, cfg.shards_max)
         prefix, flt = self._scope(namespace, filter)
@@ -825,9 +860,11 @@ class ClusterCollection:
                 namespace=prefix,
                 filter=flt,
                 include_vectors=include_vectors,
+                eventual=eventual,
             ),
             wire.ShardHits,
             allow_partial=bool(allow_partial),
+            any_replica=eventual,
         )
         hits: list[Hit] = [h for r in replies for h in r.hits]
         hits.sort(key=lambda h: (-h.score, h.memory.namespace, h.memory.key))
