@@ -266,3 +266,25 @@ def test_versions_of_memories_moving_in_continue_above_their_old_version(
             target.close()
     finally:
         again.close()
+
+
+def test_the_change_feed_stops_at_what_the_replicas_acknowledged(tmp_path: Path) -> None:
+    """A replicated shard's leader sets ``visible_upto``: the feed never delivers a change
+    beyond it (from memory or from the WAL), so no subscriber sees a write a failover undoes."""
+    host = _host(tmp_path)
+    try:
+        host.open(COLL, 0)
+        shard = host.reader(("m", 0))
+        for i in range(6):
+            host.put("m", {0: _memories(i, 1)}, None)
+        visible = 3
+        shard.visible_upto = lambda: visible
+        assert [c[0] for c in shard.changes(0, 100)] == [1, 2, 3]
+        assert shard.changes(3, 100) == []
+        visible = 5
+        assert [c[0] for c in shard.changes(3, 100)] == [4, 5]
+        shard._feed.clear()  # as if the memory buffer rolled over: read from the WAL
+        visible = 4
+        assert [c[0] for c in shard.changes(0, 100)] == [1, 2, 3, 4]
+    finally:
+        host.close()

@@ -259,8 +259,10 @@ class ReplicaDriver:
         )
         self.resyncing = False
         self._closed = False
+        self._notified = 0
         self._tasks: set[asyncio.Future[None]] = set()
         shard.on_written = self._written
+        shard.visible_upto = self._visible
         hosted.replication = self
         self._ticker = asyncio.run_coroutine_threadsafe(self._tick_forever(), loop)
 
@@ -272,6 +274,11 @@ class ReplicaDriver:
         with self._lock:
             actions = self.replica.handle(write)
         self._act(actions)
+
+    def _visible(self) -> int:
+        """What the change feed may deliver (the shard's lock is held)."""
+        with self._lock:
+            return self.replica.committed()
 
     def wait(self, seq: int) -> None:
         deadline = time.monotonic() + self.write_timeout_s
@@ -312,6 +319,11 @@ class ReplicaDriver:
             self._changed.notify_all()
             if self.replica.epoch > self.history.adopted:
                 self.history.adopt(self.replica.epoch)
+            committed = self.replica.committed()
+            advanced = committed > self._notified
+            self._notified = committed
+        if advanced and not self._closed:  # the change feed may deliver more now
+            self.loop.call_soon_threadsafe(self.shard.notify_feed)
         for action in actions:
             if isinstance(action, Send) and isinstance(action.message, Append):
                 self._spawn(self._send(action.to, action.message))
@@ -457,6 +469,7 @@ class ReplicaDriver:
         self._closed = True
         self._ticker.cancel()
         self.shard.on_written = None
+        self.shard.visible_upto = None
         self.hosted.replication = None
         for task in list(self._tasks):
             self.loop.call_soon_threadsafe(task.cancel)

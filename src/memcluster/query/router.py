@@ -225,7 +225,9 @@ class ClusterStore:
             for owner, future in futures.items():
                 try:
                     replies.append(future.result())
-                except WrongNode as exc:
+                except (WrongNode, ShardUnavailable) as exc:
+                    # ShardUnavailable from a node: a leader that cannot confirm its etcd
+                    # lease; the map moves to a new leader soon (WrongNode: moved already).
                     if not reroute:
                         failure = failure or exc
                     retry.extend(groups[owner])

@@ -181,6 +181,10 @@ class Shard:
         )
         self.applied_seq = 0
         self.write_gate: Callable[[], None] | None = None
+        self.visible_upto: Callable[[], int] | None = None
+        """The highest seq the change feed may deliver (a replicated shard's leader: what its
+        replicas acknowledged, so no subscriber sees a write that a failover could undo).
+        Called under the lock."""
         self.on_written: Callable[[Record], None] | None = None
         """Called under the lock after each record this shard writes itself (not those
         :meth:`write_replicated` takes from a leader): a replicated shard's leader ships it."""
@@ -332,6 +336,14 @@ class Shard:
         with self.lock:
             self._feed_listeners.discard(callback)
 
+    def notify_feed(self) -> None:
+        """Wake the feed's listeners: more changes became visible (``visible_upto`` moved).
+        Call it without the lock."""
+        with self.lock:
+            listeners = list(self._feed_listeners)
+        for listener in listeners:
+            listener()
+
     def changes(self, after_seq: int, limit: int) -> list[Change]:
         """Up to ``limit`` changes (seq, time, op) with seq > ``after_seq``, in seq order.
 
@@ -340,12 +352,16 @@ class Shard:
         where history starts)."""
         with self.lock:
             self._check_readable()
-            if after_seq >= self.applied_seq:
+            upto = self.applied_seq
+            if self.visible_upto is not None:
+                upto = min(upto, self.visible_upto())
+            if after_seq >= upto:
                 return []
             feed = self._feed
             if feed and feed[0][0] <= after_seq + 1:
                 start = bisect.bisect_right(feed, after_seq, key=lambda c: c[0])
-                return feed[start : start + limit]
+                end = bisect.bisect_right(feed, upto, key=lambda c: c[0])
+                return feed[start : min(start + limit, end)]
         with self._wal_read_lock:
             first = self._wal.first_seq()
             if after_seq + 1 < first:
@@ -356,9 +372,11 @@ class Shard:
                 )
             out: list[Change] = []
             for record in self._wal.records(after_seq):
+                if record.seq > upto:
+                    break
                 for i, op in enumerate(record.ops):
                     seq = record.seq + i
-                    if seq > after_seq and isinstance(op, PutOp | DeleteOp):
+                    if after_seq < seq <= upto and isinstance(op, PutOp | DeleteOp):
                         out.append((seq, record.ts, op))
                 if len(out) >= limit:
                     break
