@@ -70,6 +70,7 @@ class Node:
         self.etcd_url = etcd_url
         self.cluster = cluster
         self.lease_ttl_s = lease_ttl_s
+        self.extra_args: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.meant_down = False
         """Set by kill() and stop(): the process is down on purpose."""
@@ -106,6 +107,7 @@ class Node:
                     "0",
                     "--lease-ttl",
                     str(self.lease_ttl_s),
+                    *self.extra_args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -187,6 +189,8 @@ class Cluster:
         self.root = root
         self.name = cluster
         self.lease_ttl_s = lease_ttl_s
+        self.node_args: list[str] = []
+        """Extra ``memcluster node`` arguments for every node started from now on."""
         self.etcd_via: dict[str, str] = {}
         """Per node name: the etcd URL it is given instead (a proxy a test can cut)."""
         self._own_etcd = etcd is None
@@ -217,6 +221,7 @@ class Cluster:
                 self.name,
                 self.lease_ttl_s,
             )
+            node.extra_args = list(self.node_args)
             self.nodes[name] = node
             node.spawn()
             started.append(node)

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import uvloop
 
-from memcluster.cluster.controller import Controller
+from memcluster.cluster.controller import REREPLICATE_AFTER_S, Controller
 from memcluster.cluster.coordinator import EtcdCoordinator
 from memcluster.cluster.dataplane import DataPlane, Peers
 from memcluster.cluster.host import ShardHost
@@ -35,6 +35,8 @@ async def _run(
     etcd: str,
     cluster: str,
     advertise: str,
+    coordination_replicas: int = 1,
+    rereplicate_after_s: float = REREPLICATE_AFTER_S,
 ) -> None:
     loop = asyncio.get_running_loop()
     host = await loop.run_in_executor(None, ShardHost, data / "shards", config, SystemClock())
@@ -91,7 +93,14 @@ async def _run(
             members.append(member)
             tasks.create_task(member.run())
             await member.registered.wait()
-            controller = Controller(coord, cluster, node_id, peers=peers)
+            controller = Controller(
+                coord,
+                cluster,
+                node_id,
+                peers=peers,
+                coordination_replicas=coordination_replicas,
+                rereplicate_after_s=rereplicate_after_s,
+            )
             tasks.create_task(controller.run(lambda: member.lease))
             reporter = tasks.create_task(_report(member, host))
             click.echo(f"listening {info.http_url} {info.peer_url} node {node_id} up", color=False)
@@ -141,6 +150,23 @@ async def _report(member: Member, host: ShardHost) -> None:
     show_default=True,
     help="Seconds without a heartbeat after which the node counts as down.",
 )
+@click.option(
+    "--coordination-replicas",
+    type=click.IntRange(1, 7),
+    default=1,
+    show_default=True,
+    help="Copies of the coordination shard (leases, locks, counters, topics) when the"
+    " controller first places it; 3 keeps locks and counters through the loss of a node.",
+)
+@click.option(
+    "--rereplicate-after",
+    "rereplicate_after_s",
+    type=click.FloatRange(0, None),
+    default=REREPLICATE_AFTER_S,
+    show_default=True,
+    help="Seconds a node may stay down before its replicas are rebuilt on other nodes"
+    " (this node applies it while it is the controller).",
+)
 def node_command(
     data: Path,
     etcd: str,
@@ -151,6 +177,8 @@ def node_command(
     http_port: int,
     peer_port: int,
     lease_ttl_s: float,
+    coordination_replicas: int,
+    rereplicate_after_s: float,
 ) -> None:
     """Run one node of cluster CLUSTER: serve DATA and register in etcd under a lease.
 
@@ -179,6 +207,8 @@ def node_command(
                 etcd=etcd,
                 cluster=cluster,
                 advertise=advertise or host,
+                coordination_replicas=coordination_replicas,
+                rereplicate_after_s=rereplicate_after_s,
             )
         )
     except* MemclusterError as group:

@@ -57,6 +57,9 @@ log = logging.getLogger("memcluster.controller")
 RESHARD_EVERY = 3
 """Rounds between checks for range shards to split and centroids to learn."""
 
+REREPLICATE_AFTER_S = 60.0
+"""How long a replica's node may stay down before the controller rebuilds it elsewhere."""
+
 MOVE_TIMEOUT_S = 600.0
 """Longest a shard copy may take before the controller gives the move up."""
 
@@ -66,6 +69,10 @@ async def reconcile(
     cluster: str,
     peers: Peers | None = None,
     moving: dict[ShardId, asyncio.Task[bool]] | None = None,
+    *,
+    coordination_replicas: int = 1,
+    down_since: dict[str, float] | None = None,
+    rereplicate_after_s: float = REREPLICATE_AFTER_S,
 ) -> list[Assign | Move]:
     """One round: place every unplaced shard on a live node and, with ``peers`` (to reach the
     nodes), carry out the moves that draining and balance ask for. Returns the actions
@@ -73,7 +80,12 @@ async def reconcile(
 
     With ``moving``, moves run as tasks kept there, and the round does not wait for them
     (a copy may take minutes; new collections still get placed meanwhile); a shard whose move
-    is in flight is not moved again."""
+    is in flight is not moved again. The coordination shard is placed with
+    ``coordination_replicas`` replicas.
+
+    Replicated shards are also repaired (:func:`_repair`): a replica whose node has been down
+    for ``rereplicate_after_s`` (by ``down_since``, which the caller keeps across rounds) is
+    replaced, and a shard with fewer replicas than its factor gets new ones on live nodes."""
     live = {n.id: n for n in await live_nodes(coord, cluster)}
     configs, _ = await coord.get_prefix(collections_prefix(cluster))
     entries, _ = await coord.get_prefix(shards_prefix(cluster))
@@ -113,7 +125,7 @@ async def reconcile(
         if isinstance(action, Assign):
             key = assignment_key(cluster, action.shard)
             placed = collections.get(action.shard[0])
-            factor = 1 if placed is None else placed.replication_factor
+            factor = coordination_replicas if placed is None else placed.replication_factor
             others = sorted(
                 (n for n in live if n != action.node and n not in draining),
                 key=lambda n: (held[n], n),
@@ -168,6 +180,31 @@ async def reconcile(
                 for shard_id, a in lost
             )
         )
+        now = time.monotonic()
+        if down_since is None:
+            down_since = {}
+        for node in {n for a in assignments.values() for n in a.replicas}:
+            if node in live:
+                down_since.pop(node, None)
+            else:
+                down_since.setdefault(node, now)
+        gone = {n for n, since in down_since.items() if now - since >= rereplicate_after_s}
+        for shard_id, a in assignments.items():
+            of = collections.get(shard_id[0])
+            factor = coordination_replicas if of is None else of.replication_factor
+            if (factor > 1 or len(a.replicas) > 1) and a.leader in live:
+                await _repair(
+                    coord,
+                    cluster,
+                    shard_id,
+                    a,
+                    revisions[shard_id],
+                    factor,
+                    live,
+                    draining,
+                    gone,
+                    held,
+                )
     if moves and peers is not None:
         jobs = {
             m.shard: _move(
@@ -193,6 +230,51 @@ async def reconcile(
     return list(step.actions)
 
 
+async def _repair(
+    coord: Coordinator,
+    cluster: str,
+    shard_id: ShardId,
+    current: ShardAssignment,
+    revision: int,
+    factor: int,
+    live: dict[str, NodeInfo],
+    draining: set[str],
+    gone: set[str],
+    held: dict[str, int],
+) -> None:
+    """Re-replication: drop the replicas on nodes ``gone`` (down past the grace period) and
+    add replicas on the least loaded live nodes until the shard has ``factor``. A new
+    replica starts empty and outside the in-sync set; the leader streams it the log (or has
+    it copy the shard, when the log no longer reaches back) and takes it in once it has
+    everything. One txn, conditioned on the revision read; the epoch stays (the leader
+    does not change)."""
+    replicas = [n for n in current.replicas if n not in gone]
+    candidates = sorted(
+        (n for n in live if n not in replicas and n not in draining), key=lambda n: (held[n], n)
+    )
+    added = candidates[: max(0, factor - len(replicas))]
+    dropped = [n for n in current.replicas if n in gone]
+    if not dropped and not added:
+        return
+    entry = ShardAssignment(
+        epoch=current.epoch,
+        replicas=(*replicas, *added),
+        leader=current.leader,
+        in_sync=tuple(n for n in current.in_sync if n in replicas),
+    )
+    key = assignment_key(cluster, shard_id)
+    if await coord.txn([Compare(key, revision)], [Put(key, encode(entry))]):
+        for node in added:
+            held[node] += 1
+        log.warning(
+            "%s/%04d: replicas now %s (down too long: %s; added: %s)",
+            *shard_id,
+            ", ".join(entry.replicas),
+            ", ".join(dropped) or "none",
+            ", ".join(added) or "none",
+        )
+
+
 async def _failover(
     coord: Coordinator,
     cluster: str,
@@ -208,8 +290,8 @@ async def _failover(
     are, and promote the in-sync one with the highest entry, by a txn conditioned on the
     revision read (:func:`memcluster.replication.leader.failover`)."""
     config = collections.get(shard_id[0])
-    if config is None:
-        return
+    if config is None and shard_id != COORDINATION:
+        return  # its collection is being dropped
     epoch = current.epoch + 1
     statuses: list[Status] = []
 
@@ -238,7 +320,7 @@ async def _failover(
             in_sync=current.in_sync,
         ),
         statuses,
-        Ack(config.ack.value),
+        Ack.ALL if config is None else Ack(config.ack.value),
     )
     entry = ShardAssignment(
         epoch=chosen.epoch, replicas=chosen.replicas, leader=chosen.leader, in_sync=chosen.in_sync
@@ -346,12 +428,18 @@ class Controller:
         *,
         interval_s: float = 1.0,
         peers: Peers | None = None,
+        coordination_replicas: int = 1,
+        rereplicate_after_s: float = REREPLICATE_AFTER_S,
     ) -> None:
         self.coord = coord
         self.peers = peers
         self.cluster = cluster
         self.node_id = node_id
         self.interval_s = interval_s
+        self.coordination_replicas = coordination_replicas
+        self.rereplicate_after_s = rereplicate_after_s
+        self._down_since: dict[str, float] = {}
+        """Since when (monotonic) each replica's node has been seen down."""
         self.leading = False
         self._stop = asyncio.Event()
         self._moving: dict[ShardId, asyncio.Task[bool]] = {}
@@ -372,7 +460,15 @@ class Controller:
                 if self.leading:
                     for shard in [s for s, t in self._moving.items() if t.done()]:
                         self._moving.pop(shard)
-                    await reconcile(self.coord, self.cluster, self.peers, self._moving)
+                    await reconcile(
+                        self.coord,
+                        self.cluster,
+                        self.peers,
+                        self._moving,
+                        coordination_replicas=self.coordination_replicas,
+                        down_since=self._down_since,
+                        rereplicate_after_s=self.rereplicate_after_s,
+                    )
                     if self.peers is not None and rounds % RESHARD_EVERY == 0:
                         await reshard(self.coord, self.cluster, self.peers)
             except MemclusterError as exc:

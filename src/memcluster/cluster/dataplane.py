@@ -55,6 +55,7 @@ from memcluster.core.errors import (
 from memcluster.core.types import CollectionConfig, Sharding
 from memcluster.index.filters import compile_filter
 from memcluster.replication.leader import Ack
+from memcluster.shard.coord import CoordShard
 from memcluster.shard.feed import FeedReader, ShardFollower
 from memcluster.shard.shard import Shard
 from memcluster.shard.sharding import Sharder
@@ -693,7 +694,7 @@ class DataPlane:
         if shard_id in self._resyncing or shard_id in self._pulling:
             return
         config = self.map.current.collections.get(shard_id[0])
-        if config is None:
+        if config is None and shard_id != COORDINATION:
             return
         self._resyncing.add(shard_id)
         try:
@@ -710,7 +711,7 @@ class DataPlane:
             mine = EpochHistory(hosted.path / "epochs.json")
             await self._run(mine.replace, history.epochs, applied)
             await self._run(mine.adopt, history.adopted)
-            self.host.set_state(shard_id, State.FOLLOWER)
+            await self._run(self.host.set_state, shard_id, State.FOLLOWER)
             log.info(
                 "shard %s: copied again from %s up to seq %d", shard_name(shard_id), source, applied
             )
@@ -735,22 +736,34 @@ class DataPlane:
         if shard_id in self._pulling or shard_id in self._resyncing:
             return
         if state is None:
-            await self._run(
-                self.host.open, snap.collections[shard_id[0]], shard_id[1], State.FOLLOWER
-            )
+            if shard_id == COORDINATION:
+                await self._run(self.host.open_coordination, State.FOLLOWER)
+            else:
+                config = snap.collections[shard_id[0]]
+                await self._run(self.host.open, config, shard_id[1], State.FOLLOWER)
         revision = snap.shard_revisions.get(shard_id, 0)
         driver = self.replicas.get(shard_id)
         if driver is None:
             hosted = self.host.hosted(shard_id)
             if hosted is None:
                 return
+            shard = hosted.shard
+            on_role: Callable[[bool], None] = lambda leading: None  # noqa: E731
+            if isinstance(shard, CoordShard):
+                coord_shard = shard
+                # Waiting acquires go to the new leader once this one stops leading.
+                on_role = lambda leading: coord_shard.handover(not leading)  # noqa: E731
+            assert isinstance(shard, Shard | CoordShard)
+            coll = snap.collections.get(shard_id[0])
             driver = ReplicaDriver(
                 node_id=self.node_id,
                 shard_id=shard_id,
                 hosted=hosted,
+                shard=shard,
                 assignment=assignment,
                 revision=revision,
-                ack=Ack(snap.collections[shard_id[0]].ack.value),
+                ack=Ack.ALL if coll is None else Ack(coll.ack.value),
+                on_role=on_role,
                 cluster=self.map.cluster,
                 coord=self.coord,
                 peer_url=self._peer_url,
@@ -760,11 +773,14 @@ class DataPlane:
                 lease_valid=lambda: self.lease_valid(),
             )
             self.replicas[shard_id] = driver
+            if isinstance(shard, CoordShard):
+                shard.replicated = driver.wait
         elif self._revisions.get(shard_id) == revision:
             return
         self._revisions[shard_id] = revision
         new_state = await self._run(driver.update, assignment, revision)
-        self.host.set_state(shard_id, new_state)
+        # Off the loop: the shard's lock may be held by a writer waiting for acknowledgements.
+        await self._run(self.host.set_state, shard_id, new_state)
 
     async def _resign(self, shard_id: ShardId) -> None:
         """This node restarted as the leader of a replicated shard: it may have lost writes

@@ -286,10 +286,13 @@ class ShardHost:
         return self._data(shard_id, State.ACTIVE)
 
     def coordination(self) -> CoordShard:
-        """The coordination shard, if this node holds it (else WrongNode)."""
-        shard = self._get(COORDINATION, State.ACTIVE).shard
-        assert isinstance(shard, CoordShard)
-        return shard
+        """The coordination shard, if this node holds it (else WrongNode). Replicated: only
+        while this node's lease is certainly valid and what it holds is acknowledged."""
+        h = self._get(COORDINATION, State.ACTIVE)
+        if h.replication is not None:
+            h.replication.barrier()
+        assert isinstance(h.shard, CoordShard)
+        return h.shard
 
     # -- lifecycle of one shard ----------------------------------------------------------------
 

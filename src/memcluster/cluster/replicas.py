@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 
@@ -64,7 +65,6 @@ from memcluster.replication.leader import (
     Tick,
     Write,
 )
-from memcluster.shard.shard import Shard
 from memcluster.storage.files import fsync_path
 
 log = logging.getLogger("memcluster.replication")
@@ -82,6 +82,29 @@ CACHE_ENTRIES = 4096
 """Recent entries kept in memory, so followers that keep up are fed without reading the WAL."""
 
 ShardId = tuple[str, int]
+
+
+class Replicable(Protocol):
+    """What a replicated shard offers its driver: a collection shard
+    (:class:`~memcluster.shard.shard.Shard`) or the coordination shard
+    (:class:`~memcluster.shard.coord.CoordShard`)."""
+
+    lock: threading.Lock
+    on_written: Callable[[Record], None] | None
+    visible_upto: Callable[[], int] | None
+
+    @property
+    def applied_seq(self) -> int: ...
+
+    def records_after(self, after_seq: int, limit: int) -> list[Record]: ...
+
+    def write_replicated(self, record: Record) -> int: ...
+
+    def commit(self, token: int) -> None: ...
+
+    def wal_first_seq(self) -> int: ...
+
+    def notify_feed(self) -> None: ...
 
 
 class Diverged(Exception):
@@ -147,7 +170,7 @@ class ShardLog:
     """A shard's WAL as the replica's :class:`~memcluster.replication.leader.Log`. Called
     with the driver's lock held (and, for appends on a follower, the shard's)."""
 
-    def __init__(self, shard: Shard, history: EpochHistory) -> None:
+    def __init__(self, shard: Replicable, history: EpochHistory) -> None:
         self.shard = shard
         self.history = history
         self.token = -1
@@ -217,6 +240,7 @@ class ReplicaDriver:
         node_id: str,
         shard_id: ShardId,
         hosted: Hosted,
+        shard: Replicable,
         assignment: ShardAssignment,
         revision: int,
         ack: Ack,
@@ -227,11 +251,10 @@ class ReplicaDriver:
         resync: Callable[[ShardId, str], None],
         loop: asyncio.AbstractEventLoop,
         lease_valid: Callable[[], bool] = lambda: True,
+        on_role: Callable[[bool], None] = lambda leading: None,
         ack_timeout_s: float = ACK_TIMEOUT_S,
         write_timeout_s: float = WRITE_TIMEOUT_S,
     ) -> None:
-        shard = hosted.shard
-        assert isinstance(shard, Shard)
         self.node_id = node_id
         self.shard_id = shard_id
         self.name = shard_name(shard_id)
@@ -245,6 +268,7 @@ class ReplicaDriver:
         self.loop = loop
         self.write_timeout_s = write_timeout_s
         self.lease_valid = lease_valid
+        self._on_role = on_role
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self.history = EpochHistory(hosted.path / "epochs.json")
@@ -401,8 +425,10 @@ class ReplicaDriver:
     # -- the map and the peers -------------------------------------------------------------
 
     def update(self, assignment: ShardAssignment, revision: int) -> State:
-        """A new shard-map entry: returns the state the host should give the shard."""
-        with self.shard.lock, self._lock:
+        """A new shard-map entry: returns the state the host should give the shard. (Not
+        under the shard's lock: a writer may hold it while waiting for acknowledgements.)"""
+        with self._lock:
+            was_leader = self.replica.is_leader
             actions = self.replica.handle(ConfigUpdate(_config(assignment, revision)))
             leader = self.replica.is_leader
             if leader and self.history.epoch_at(self.shard.applied_seq + 1) != self.replica.epoch:
@@ -410,6 +436,8 @@ class ReplicaDriver:
                 self.history.note(self.shard.applied_seq + 1, self.replica.epoch)
                 log.info("shard %s: leading epoch %d", self.name, self.replica.epoch)
         self._act(actions)
+        if leader != was_leader:
+            self._on_role(leader)
         return State.ACTIVE if leader else State.FOLLOWER
 
     def on_append(self, b: wire.ReplAppend) -> AppendAck:

@@ -344,9 +344,14 @@ class ClusterStore:
             if owner is None:
                 problem = ShardUnavailable("the coordination shard has no node yet")
             elif owner not in snap.nodes:
-                raise ShardUnavailable(
-                    f"the coordination shard (leases, locks, counters, topics) is unavailable:"
-                    f" its node {owner} is down; it returns with that node"
+                assignment = snap.shards.get(COORDINATION)
+                if assignment is None or len(assignment.replicas) < 2:
+                    raise ShardUnavailable(
+                        "the coordination shard (leases, locks, counters, topics) is"
+                        f" unavailable: its node {owner} is down; it returns with that node"
+                    )
+                problem = ShardUnavailable(
+                    f"the coordination shard's leader {owner} is down; waiting for a failover"
                 )
             else:
                 try:
@@ -359,6 +364,10 @@ class ClusterStore:
                     return got
                 except WrongNode as exc:
                     problem = exc
+                except ShardUnavailable as exc:
+                    if owner == self.node_id:
+                        raise  # this node cannot confirm its lease: it will not see a new map
+                    problem = exc  # a leader that cannot confirm its lease; a failover comes
                 except Unreachable as exc:
                     if not retry_lost:
                         raise

@@ -453,15 +453,16 @@ class Replica:
             self._waiting_since.pop(m.node, None)
         else:
             self._waiting_since[m.node] = self.now
-        out: list[Action] = []
-        if (
-            m.node not in self.config.in_sync
-            and m.node in self.config.replicas
-            and self._acked[m.node] >= self.last[0]
-            and self._proposed is None
-        ):
-            out.append(self._propose(in_sync=(*self.config.in_sync, m.node)))
-        return out + self._replicate() + self._answer()
+        return self._admit() + self._replicate() + self._answer()
+
+    def _admit(self) -> list[Action]:
+        """Propose taking a caught-up follower (one at a time) back into the in-sync set."""
+        if self._proposed is not None:
+            return []
+        for f in self._followers():
+            if f not in self.config.in_sync and self._acked.get(f, -1) >= self.last[0]:
+                return [self._propose(in_sync=(*self.config.in_sync, f))]
+        return []
 
     def _propose(self, *, in_sync: tuple[str, ...]) -> Propose:
         self._proposed = self.config.version
@@ -483,6 +484,8 @@ class Replica:
             # writes need one, and so does choosing the next leader.
             if self.ack is not Ack.MAJORITY or len(keep) >= len(self.config.replicas) // 2 + 1:
                 out.append(self._propose(in_sync=keep))
+        if not out:
+            out = self._admit()
         return out + self._replicate(probe=True) + self._answer()
 
     def _config(self, config: Config) -> list[Action]:

@@ -218,12 +218,21 @@ class CoordShard:
         self._messages: list[tuple[int, float, PublishOp]] = []
         self._messages_floor = 0
         """Every message with seq >= this is in ``_messages`` (set after recovery)."""
-        self._listeners: set[Callable[[], None]] = set()
+        self._listeners: frozenset[Callable[[], None]] = frozenset()
+        """Replaced, never changed in place: read without the lock."""
         self._wal_read_lock = threading.Lock()
         self.write_gate: Callable[[], None] | None = None
         """Called under the lock before every write; raising refuses it (a cluster node
         handing the coordination shard over, see ``memcluster.cluster.host``)."""
         self._handing_over = False
+        self.on_written: Callable[[Record], None] | None = None
+        """Called under the lock after each record this shard writes itself: a replicated
+        coordination shard's leader ships it (see ``memcluster.cluster.replicas``)."""
+        self.visible_upto: Callable[[], int] | None = None
+        """The highest seq topic subscribers may see (what the replicas acknowledged)."""
+        self.replicated: Callable[[int], None] | None = None
+        """Blocks until the write ending at the given seq is acknowledged by the replicas;
+        every answer waits for it, so no token, lease or count a failover undoes is given."""
         if snapshots is not None:
             manifest = snapshots.latest()
             if manifest is not None:
@@ -266,7 +275,37 @@ class CoordShard:
         record = Record(self.state.applied_seq + 1, self._clock.time(), list(ops))
         token = self._wal.append(record)
         self._apply(record)
+        if self.on_written is not None:
+            self.on_written(record)
         return record.seq, token
+
+    def write_replicated(self, record: Record) -> int:
+        """Log and apply a record of this shard's leader (this copy follows); returns the WAL
+        token for :meth:`commit`. Caller holds the lock."""
+        if self._closed:
+            raise InvalidState("coordination: closed")
+        if record.seq != self.state.applied_seq + 1:
+            raise CorruptionError(
+                f"coordination: replicated record seq {record.seq} does not follow applied"
+                f" seq {self.state.applied_seq}"
+            )
+        token = self._wal.append(record)
+        self._apply(record)
+        return token
+
+    def commit(self, token: int) -> None:
+        """Make the write with this WAL token durable."""
+        if token:
+            self._wal.sync(token)
+
+    def wal_first_seq(self) -> int:
+        with self._wal_read_lock:
+            return self._wal.first_seq()
+
+    def notify_feed(self) -> None:
+        """Wake topic subscribers: more messages became visible. Call it without the lock."""
+        for listener in self._listeners:  # without the lock: a writer may wait under it
+            listener()
 
     def _apply(self, record: Record) -> None:
         self.state.apply(record)
@@ -341,6 +380,8 @@ class CoordShard:
     def _sync(self, token: int) -> None:
         if token:
             self._wal.sync(token)
+        if self.replicated is not None:
+            self.replicated(self.state.applied_seq)
 
     # -- leases ------------------------------------------------------------------------------
 
@@ -546,11 +587,11 @@ class CoordShard:
     def listen(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (quick, non-blocking) after every published message."""
         with self.lock:
-            self._listeners.add(callback)
+            self._listeners = self._listeners | {callback}
 
     def unlisten(self, callback: Callable[[], None]) -> None:
         with self.lock:
-            self._listeners.discard(callback)
+            self._listeners = self._listeners - {callback}
 
     def messages(self, after_seq: int, limit: int) -> list[tuple[int, float, PublishOp]]:
         """Up to ``limit`` published messages (of every topic) with seq > ``after_seq``.
@@ -562,12 +603,16 @@ class CoordShard:
         with self.lock:
             if self._closed:
                 raise InvalidState(closed)
-            if after_seq >= self.state.applied_seq:
+            upto = self.state.applied_seq
+            if self.visible_upto is not None:
+                upto = min(upto, self.visible_upto())
+            if after_seq >= upto:
                 return []
             if after_seq + 1 >= self._messages_floor:
                 recent = self._messages
                 start = bisect.bisect_right(recent, after_seq, key=lambda m: m[0])
-                return recent[start : start + limit]
+                end = bisect.bisect_right(recent, upto, key=lambda m: m[0])
+                return recent[start : min(start + limit, end)]
         with self._wal_read_lock:
             if self._closed:  # closed since the lock was let go: its WAL is closed too
                 raise InvalidState(closed)
@@ -579,8 +624,10 @@ class CoordShard:
                 )
             out: list[tuple[int, float, PublishOp]] = []
             for record in self._wal.records(after_seq):
+                if record.seq > upto:
+                    break
                 for i, op in enumerate(record.ops):
-                    if record.seq + i > after_seq and isinstance(op, PublishOp):
+                    if after_seq < record.seq + i <= upto and isinstance(op, PublishOp):
                         out.append((record.seq + i, record.ts, op))
                 if len(out) >= limit:
                     break

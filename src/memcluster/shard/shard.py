@@ -166,7 +166,8 @@ class Shard:
         # The change feed: recent changes in memory, older ones from the WAL (read under
         # _wal_read_lock, which truncation also takes, as Wal.records requires).
         self._feed: list[Change] = []
-        self._feed_listeners: set[Callable[[], None]] = set()
+        self._feed_listeners: frozenset[Callable[[], None]] = frozenset()
+        """Replaced, never changed in place: read without the lock."""
         self._wal_read_lock = threading.Lock()
         self._failed: str | None = None
         self._closed = False
@@ -330,18 +331,16 @@ class Shard:
         """Call ``callback()`` after every applied record, under the shard lock: it must be
         quick and must not block (set an Event, schedule a wake-up)."""
         with self.lock:
-            self._feed_listeners.add(callback)
+            self._feed_listeners = self._feed_listeners | {callback}
 
     def unlisten(self, callback: Callable[[], None]) -> None:
         with self.lock:
-            self._feed_listeners.discard(callback)
+            self._feed_listeners = self._feed_listeners - {callback}
 
     def notify_feed(self) -> None:
         """Wake the feed's listeners: more changes became visible (``visible_upto`` moved).
         Call it without the lock."""
-        with self.lock:
-            listeners = list(self._feed_listeners)
-        for listener in listeners:
+        for listener in self._feed_listeners:  # without the lock: a writer may wait under it
             listener()
 
     def changes(self, after_seq: int, limit: int) -> list[Change]:
