@@ -159,6 +159,9 @@ def test_collections_create_list_and_drop(server: ServerProcess) -> None:
         "range_shards": None,
         "split_items": None,
         "train_after": None,
+        "replication_factor": 1,
+        "replication": "leader",
+        "ack": "all",
     }
 
     refused = run("collections", "drop", "coll-a", "--url", url, input="n\n")

@@ -433,3 +433,48 @@ def test_counters_and_locks_survive_kill_9_of_the_coordination_leader(cluster: C
         f" {sum(len(w.errors) for w in workers)} failed (outcome unknown), counter {final};"
         f" 150 more within {resumed_s:.2f} s"
     )
+
+
+def test_a_replica_down_past_the_grace_period_is_rebuilt_on_another_node(
+    cluster: Cluster,
+) -> None:
+    """RF 3 on 4 nodes with a 3 s grace period: kill -9 a follower; the controller replaces
+    it with the fourth node, which gets every write (read there with consistency=eventual)
+    and joins the in-sync set. The dead node, back, drops its stale copy."""
+    cluster.node_args = ["--rereplicate-after", "3"]
+    cluster.add_nodes("n1", "n2", "n3", "n4")
+    client = cluster.client("n1", "binary")
+    client.create_collection("re", dim=4, replication_factor=3)
+    first = _placed(cluster, "re")
+    spare = next(n for n in ("n1", "n2", "n3", "n4") if n not in first.replicas)
+    victim = next(n for n in first.replicas if n != first.leader)
+    coll = client.collection("re")
+    coll.put_many([_memory(i) for i in range(300)])
+    cluster.kill(victim)
+    coll.put_many([_memory(i) for i in range(300, 400)])
+    rebuilt = cluster.wait_for(
+        lambda: (
+            (a := _assignment(cluster, "re")) is not None
+            and spare in a.in_sync
+            and victim not in a.replicas
+            and a
+        ),
+        60.0,
+        f"{spare} replacing {victim}",
+    )
+    assert isinstance(rebuilt, ShardAssignment)
+    assert len(rebuilt.replicas) == 3
+    at_spare = cluster.client(spare, "binary").collection("re")
+    missing = [
+        i for i in range(400) if at_spare.get(("a",), f"k{i}", consistency="eventual") is None
+    ]
+    assert not missing, f"the new replica lacks {len(missing)} writes, e.g. {missing[:5]}"
+    cluster.restart(victim)
+    cluster.wait_for(
+        lambda: (
+            not (cluster.nodes[victim].data / "shards" / "re").exists()
+            or not any((cluster.nodes[victim].data / "shards" / "re").iterdir())
+        ),
+        30.0,
+        "the stale copy dropped",
+    )

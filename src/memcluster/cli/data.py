@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO, NoReturn, assert_never
 
 import click
 import msgspec
@@ -61,8 +61,16 @@ from rich.text import Text
 import memcluster
 from memcluster.client.sync import Client, Collection
 from memcluster.cluster.coordinator import EtcdCoordinator
-from memcluster.cluster.view import ClusterView, cluster_view
+from memcluster.cluster.dataplane import Peers
+from memcluster.cluster.view import (
+    ASK_TIMEOUT_S,
+    ClusterView,
+    ReplicaState,
+    ShardView,
+    cluster_view,
+)
 from memcluster.core import api
+from memcluster.core.config import Config
 from memcluster.core.errors import MemclusterError
 from memcluster.core.types import CollectionInfo, Eviction, Hit, Memory, Metric
 
@@ -168,7 +176,7 @@ def _console() -> Console:
     return Console(highlight=False)
 
 
-_NUMERIC_COLUMNS = {"dim", "shards", "items", "bytes", "indexed", "score"}
+_NUMERIC_COLUMNS = {"dim", "shards", "items", "bytes", "indexed", "score", "lag"}
 
 
 def _table(*columns: str) -> Table:
@@ -259,7 +267,11 @@ def status_command(target: Target, etcd: str | None, cluster: str) -> None:
     """Show the node's health and every collection's size, or a whole cluster with --etcd.
 
     With --etcd: the nodes (up, addresses, shards held), the controller, the collections and
-    the shard map (each shard's epoch, leader, replicas, and whether it is available).
+    the shard map (each shard's epoch, leader, replicas, and whether it is available). For a
+    collection with a replication factor above 1, each replica of each shard: its node and
+    address, its role (leader or follower), its state (in-sync; catching-up: not in the in-sync
+    set, or being copied; down: its node is not up) and its lag behind the leader in
+    operations, asked of the nodes ("?" when a node did not answer in time).
 
     \b
     Examples:
@@ -268,7 +280,7 @@ def status_command(target: Target, etcd: str | None, cluster: str) -> None:
       memcluster status --etcd http://127.0.0.1:2379 --cluster default
     """
     if etcd is not None:
-        _cluster_status(etcd, cluster, target.as_json)
+        _cluster_status(etcd, cluster, target)
         return
     with connect(target) as client:
         health = client.health()
@@ -298,19 +310,21 @@ def status_command(target: Target, etcd: str | None, cluster: str) -> None:
         console.print(table)
 
 
-def _cluster_status(etcd: str, cluster: str, as_json: bool) -> None:
+def _cluster_status(etcd: str, cluster: str, target: Target) -> None:
     async def read() -> ClusterView:
         coord = EtcdCoordinator(etcd)
+        peers = Peers(api_key=target.api_key, max_frame_bytes=Config().request_bytes_max)
         try:
-            return await cluster_view(coord, cluster)
+            return await cluster_view(coord, cluster, peers=peers)
         finally:
+            await peers.close()
             await coord.close()
 
     try:
         view = asyncio.run(read())
     except* MemclusterError as group:
         _exit_with(click.get_current_context(), str(group.exceptions[0]))
-    if as_json:
+    if target.as_json:
         print_json(view)
         return
     console = _console()
@@ -338,8 +352,11 @@ def _cluster_status(etcd: str, cluster: str, as_json: bool) -> None:
                 _cell(c.name), str(c.dim), c.metric.value, str(c.shards), c.sharding.value
             )
         console.print(colls)
+    replicated = _replicated(view)
     shards = _table("collection", "shard", "epoch", "leader", "replicas", "state")
     for s in view.shards:
+        if s.collection in replicated:
+            continue  # in its own table, below
         a = s.assignment
         shards.add_row(
             _cell(s.collection),
@@ -349,7 +366,68 @@ def _cluster_status(etcd: str, cluster: str, as_json: bool) -> None:
             _cell(",".join(a.replicas)) if a else "-",
             "ok" if s.available else ("unplaced" if a is None else "[red]unavailable[/]"),
         )
-    console.print(shards)
+    if shards.row_count:
+        console.print(shards)
+    for name, title in replicated.items():
+        console.print(_replicas_table(title, [s for s in view.shards if s.collection == name]))
+    if view.silent:
+        console.print(
+            f"[yellow]{escape(', '.join(view.silent))}: no answer (asked with a"
+            f" {ASK_TIMEOUT_S:g} s limit), so lags are shown as ?[/]"
+        )
+
+
+def _state_cell(state: ReplicaState) -> Text:
+    match state:
+        case ReplicaState.IN_SYNC:
+            return Text(state.value, style="green")
+        case ReplicaState.CATCHING_UP:
+            return Text(state.value, style="yellow")
+        case ReplicaState.DOWN:
+            return Text(state.value, style="red")
+        case _:
+            assert_never(state)
+
+
+def _replicated(view: ClusterView) -> dict[str, str]:
+    """Collection -> the title of its replicas table, for each collection with a replication
+    factor above 1, and the coordination shard when it has more than one replica."""
+    factors = {c.name: c.replication_factor for c in view.collections}
+    out = {name: f"{name}: replication factor {f}" for name, f in factors.items() if f > 1}
+    for s in view.shards:
+        if s.collection not in factors and s.assignment and len(s.assignment.replicas) > 1:
+            out[s.collection] = f"{s.collection}: {len(s.assignment.replicas)} replicas"
+    return out
+
+
+def _replicas_table(title: str, shards: list[ShardView]) -> Table:
+    """One row per replica, one section per shard: the shard's number and epoch on its
+    first row (a shard without a live leader says so in red)."""
+    table = _table("shard", "epoch", "node", "address", "role", "state", "lag")
+    table.title = Text(title)
+    table.title_justify = "left"
+    for s in shards:
+        if s.epoch is None:
+            table.add_row(str(s.shard), "-", "-", "-", "-", "unplaced", "-", end_section=True)
+            continue
+        shard = Text(str(s.shard))
+        if not s.available:
+            shard.append(
+                " no leader" if s.assignment and s.assignment.leader is None else " unavailable",
+                style="red",
+            )
+        for i, r in enumerate(s.replicas):
+            table.add_row(
+                shard if i == 0 else "",
+                str(s.epoch) if i == 0 else "",
+                _cell(r.node),
+                _cell(r.address or "-"),
+                r.role.value,
+                _state_cell(r.state),
+                "?" if r.lag is None else f"{r.lag:,}",
+                end_section=i == len(s.replicas) - 1,
+            )
+    return table
 
 
 def _size(n: int) -> str:

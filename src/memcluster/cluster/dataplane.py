@@ -830,7 +830,10 @@ class DataPlane:
             assignment = snap.shards.get(shard_id)
             if assignment is None:
                 continue
-            if len(assignment.replicas) > 1 and self.node_id in assignment.replicas:
+            if len(assignment.replicas) > 1 and self.node_id not in assignment.replicas:
+                # Replaced while this node was down: the copy here is stale.
+                await self._run(self.host.drop, shard_id)
+            elif len(assignment.replicas) > 1:
                 await self._run(self.host.reopen, shard_id, State.FOLLOWER)  # until the driver says
                 if assignment.leader == self.node_id:
                     await self._resign(shard_id)
