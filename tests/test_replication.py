@@ -478,3 +478,29 @@ def test_a_replica_down_past_the_grace_period_is_rebuilt_on_another_node(
         30.0,
         "the stale copy dropped",
     )
+
+
+def test_an_idle_follower_that_dies_leaves_the_in_sync_set_without_a_write(
+    cluster: Cluster,
+) -> None:
+    """Heartbeats: with no writes at all, a killed follower still leaves the in-sync set
+    within about the ack timeout, so the next write does not have to wait for it."""
+    cluster.add_nodes("n1", "n2", "n3")
+    client = cluster.client("n1", "binary")
+    client.create_collection("idle", dim=4, replication_factor=3)
+    first = _placed(cluster, "idle")
+    client.collection("idle").put_many([_memory(0)])
+    follower = next(n for n in first.replicas if n != first.leader)
+    killed_at = time.monotonic()
+    cluster.kill(follower)
+    cluster.wait_for(
+        lambda: follower not in (_assignment(cluster, "idle") or first).in_sync,
+        15.0,
+        "the dead follower out of the in-sync set",
+    )
+    print(
+        f"idle follower kill -9: out of the in-sync set after {time.monotonic() - killed_at:.2f} s"
+    )
+    started = time.monotonic()
+    client.collection("idle").put_many([_memory(1)])
+    assert time.monotonic() - started < 1.0

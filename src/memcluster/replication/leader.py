@@ -273,6 +273,7 @@ class Replica:
         self._acked: dict[str, int] = {}  # follower -> highest seq it acknowledged
         self._sent: dict[str, int] = {}  # follower -> highest seq sent to it
         self._waiting_since: dict[str, float] = {}  # follower -> since when it holds us up
+        self._heard: dict[str, float] = {}  # follower -> when it last answered this epoch
         self._proposed: int | None = None  # config version a proposal is based on
 
     # -- helpers ---------------------------------------------------------------------------
@@ -404,6 +405,7 @@ class Replica:
         self._acked.clear()
         self._sent.clear()
         self._waiting_since.clear()
+        self._heard.clear()
 
     def _append(self, sender: str, m: Append) -> list[Action]:
         if (
@@ -444,6 +446,7 @@ class Replica:
     def _ack(self, m: AppendAck) -> list[Action]:
         if not self.is_leader:
             return []
+        self._heard[m.node] = self.now
         if not m.ok:  # its log differs: resend from where it may match
             self._acked[m.node] = min(self._acked.get(m.node, m.last_seq), m.last_seq)
             self._sent[m.node] = 0
@@ -486,7 +489,25 @@ class Replica:
                 out.append(self._propose(in_sync=keep))
         if not out:
             out = self._admit()
-        return out + self._replicate(probe=True) + self._answer()
+        return out + self._heartbeats() + self._replicate(probe=True) + self._answer()
+
+    def _heartbeats(self) -> list[Action]:
+        """An idle in-sync follower is sent an empty Append every half ``ack_timeout``; one
+        that stops answering then counts as holding writes up, and leaves the in-sync set
+        after ``ack_timeout``, before a write has to wait for it."""
+        out: list[Action] = []
+        last = self.last
+        for f in self._followers():
+            if f not in self.config.in_sync or self._acked.get(f, -1) < last[0]:
+                continue  # not in sync, or behind: the probes and write timers cover it
+            heard = self._heard.setdefault(f, self.now)
+            if self.now - heard > self.ack_timeout / 2 and f not in self._waiting_since:
+                self._waiting_since[f] = heard
+                message = Append(
+                    epoch=self.epoch, leader=self.node, prev=last, entries=(), leader_last=last[0]
+                )
+                out.append(Send(f, message))
+        return out
 
     def _config(self, config: Config) -> list[Action]:
         if config.version < self.config.version:
