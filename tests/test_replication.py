@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -504,3 +505,53 @@ def test_an_idle_follower_that_dies_leaves_the_in_sync_set_without_a_write(
     started = time.monotonic()
     client.collection("idle").put_many([_memory(1)])
     assert time.monotonic() - started < 1.0
+
+
+def test_session_reads_see_the_clients_own_writes_on_any_replica(cluster: Cluster) -> None:
+    """ack=leader (followers lag): a client writing through one node and reading its write
+    back through another with consistency="session" always sees it (the SDK carries the
+    token; a replica behind it waits or the leader answers). Eventual reads may not; the
+    test prints how often they did not. HTTP clients pass the token in a header."""
+    cluster.add_nodes("n1", "n2", "n3")
+    admin = cluster.client("n1", "binary")
+    admin.create_collection("sess", dim=4, replication_factor=3, ack="leader")
+    first = _placed(cluster, "sess")
+    followers = [n for n in first.replicas if n != first.leader]
+    writer = cluster.client(first.leader or "n1", "binary")
+    reader = cluster.client(followers[0], "binary")
+    stale_eventual = 0
+    for i in range(150):
+        writer.collection("sess").put_many([_memory(i)])
+        reader.session = writer.session  # the same agent, through another node
+        got = reader.collection("sess").get(("a",), f"k{i}", consistency="session")
+        assert got is not None, f"session read missed write {i}"
+        writer.collection("sess").put_many([_memory(1000 + i)])
+        if reader.collection("sess").get(("a",), f"k{1000 + i}", consistency="eventual") is None:
+            stale_eventual += 1
+    hits = reader.collection("sess").search(np.ones(4), k=5, consistency="session")
+    assert hits.session is not None
+    print(f"session reads: 150/150 saw their write; eventual reads stale {stale_eventual}/150")
+    # HTTP: the token comes back in a header and goes out in one.
+    base = cluster.nodes[followers[1]].http_url
+    with httpx.Client(base_url=base, timeout=10) as http:
+        put = http.post(
+            "/v1/collections/sess/memories",
+            json={"memories": [{"namespace": ["a"], "key": "h", "vector": [1, 2, 3, 4]}]},
+        )
+        put.raise_for_status()
+        token = put.headers["memcluster-session"]
+        assert put.json()["session"] == token
+        fetched = http.post(
+            "/v1/collections/sess/memories/get",
+            json={"namespace": ["a"], "key": "h", "consistency": "session"},
+            headers={"Memcluster-Session": token},
+        )
+        fetched.raise_for_status()
+        assert fetched.json()["memory"]["key"] == "h"
+        bad = http.post(
+            "/v1/collections/sess/memories/get",
+            json={"namespace": ["a"], "key": "h", "consistency": "session"},
+            headers={"Memcluster-Session": "%%%"},
+        )
+        assert bad.status_code == 400
+        assert "session token" in bad.json()["message"]

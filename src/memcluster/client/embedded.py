@@ -909,7 +909,8 @@ class Collection:
         self, namespace: Namespace, key: str, consistency: Consistency | str = Consistency.STRONG
     ) -> Memory | None:
         """The memory at (namespace, key) with its vector, or None if absent or expired.
-        ``consistency`` is accepted for the cluster's signature: one process has one copy."""
+        ``consistency`` is accepted for the cluster's signature: one process has one copy,
+        always up to date."""
         validation.enum_value("consistency", consistency, Consistency)
         shard, ns, k = self._locate(namespace, key)
         if shard is not None:

@@ -33,7 +33,7 @@ import httpx
 import msgspec
 import numpy as np
 
-from memcluster.core import api, validation
+from memcluster.core import api, session, validation
 from memcluster.core.api import OPERATIONS, Consistency
 from memcluster.core.config import Config
 from memcluster.core.errors import (
@@ -347,6 +347,10 @@ class AsyncClient:
             )
         validation.int_in_range("retries", retries, 0, 100)
         self.url = url
+        self.session: str | None = None
+        """The session token of this client's writes and session reads, sent with every
+        ``consistency="session"`` read (see ``memcluster.core.session``); None until a
+        cluster returned one."""
         self._timeout_s = timeout_s
         self._retries = retries
         self._backoff_s = retry_backoff_s
@@ -640,21 +644,33 @@ class AsyncCollection:
         body = api.PutBody(
             memories=list(memories), idempotency_key=idempotency_key, fence=_fence(fence)
         )
-        return (await self._call("put", body, api.PutReply)).versions
+        reply = await self._call("put", body, api.PutReply)
+        self._keep(reply.session)
+        return reply.versions
+
+    def _keep(self, token: str | msgspec.UnsetType) -> None:
+        if isinstance(token, str):
+            self._client.session = session.combine(self._client.session, token)
+
+    def _token(self, level: Consistency) -> str | None:
+        return self._client.session if level is Consistency.SESSION else None
 
     async def get(
         self, namespace: Namespace, key: str, consistency: Consistency | str = Consistency.STRONG
     ) -> Memory | None:
         """The memory at (namespace, key) with its vector, or None. ``consistency``: see
         :class:`~memcluster.core.api.Consistency` ("eventual" reads any replica)."""
+        level = validation.enum_value("consistency", consistency, Consistency)
         body = api.GetBody(
             namespace=_as_namespace(namespace),
             key=key,
-            consistency=validation.enum_value("consistency", consistency, Consistency),
+            consistency=level,
+            session=self._token(level),
         )
-        memory = (await self._call("get", body, api.GetReply)).memory
-        api.vectors_to_numpy(memory)
-        return memory
+        reply = await self._call("get", body, api.GetReply)
+        self._keep(reply.session)
+        api.vectors_to_numpy(reply.memory)
+        return reply.memory
 
     async def delete(
         self, namespace: Namespace, key: str, fence: tuple[str, int] | None = None
@@ -691,21 +707,29 @@ class AsyncCollection:
     ) -> SearchResult:
         """The ``k`` memories most similar to ``vector``, best first; see
         ``memcluster.Collection.search``."""
+        level = validation.enum_value("consistency", consistency, Consistency)
+        token = self._token(level)
         body = api.SearchBody(
             vector=vector,
             k=k,
             namespace=_as_namespace(namespace, allow_empty=True),
             filter=None if filter is None else dict(filter),
             include_vectors=include_vectors,
-            consistency=validation.enum_value("consistency", consistency, Consistency),
+            consistency=level,
+            session=msgspec.UNSET if token is None else token,
             # Sent only when given: a default search keeps the bytes of older versions.
             nprobe=msgspec.UNSET if nprobe is None else nprobe,
             allow_partial=allow_partial if allow_partial else msgspec.UNSET,
         )
         reply = await self._call("search", body, api.SearchReply)
+        self._keep(reply.session)
         for hit in reply.hits:
             api.vectors_to_numpy(hit.memory)
-        return SearchResult(reply.hits, reply.missing_shards)
+        return SearchResult(
+            reply.hits,
+            reply.missing_shards,
+            None if reply.session is msgspec.UNSET else reply.session,
+        )
 
     async def count(
         self, namespace: Namespace | None = None, filter: Mapping[str, Any] | None = None

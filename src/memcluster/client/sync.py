@@ -109,6 +109,16 @@ class Client:
     ) -> None:
         self.close()
 
+    @property
+    def session(self) -> str | None:
+        """The session token this client carries for ``consistency="session"`` reads (see
+        ``memcluster.core.session``); set it to continue another client's session."""
+        return self._async.session
+
+    @session.setter
+    def session(self, token: str | None) -> None:
+        self._async.session = token
+
     def close(self) -> None:
         """Close the connections and stop the client's thread. Idempotent."""
         if self._closed:

@@ -52,7 +52,7 @@ from memcluster.core.errors import (
     Unreachable,
     WrongNode,
 )
-from memcluster.core.types import CollectionConfig, Sharding
+from memcluster.core.types import CollectionConfig, Memory, Sharding
 from memcluster.index.filters import compile_filter
 from memcluster.replication.leader import Ack
 from memcluster.shard.coord import CoordShard
@@ -341,9 +341,11 @@ class DataPlane:
         config = self._config_of(b.collection)
         if config.sharding is not Sharding.HASH:
             self._check_placement(config, b.batches)
-        return wire.ShardPutReply(
-            self.host.put(b.collection, b.batches, b.idempotency_key, b.fence, b.version_floors)
+        seqs: dict[int, int] = {}
+        versions = self.host.put(
+            b.collection, b.batches, b.idempotency_key, b.fence, b.version_floors, seqs
         )
+        return wire.ShardPutReply(versions, seqs)
 
     def _sharder(self, config: CollectionConfig) -> Sharder:
         cached = self._sharders.get(config.name)
@@ -371,11 +373,18 @@ class DataPlane:
                 )
 
     def _get(self, b: wire.ShardGet) -> wire.ShardGetReply:
+        seqs: dict[int, int] = {}
+        found: Memory | None = None
         for n in b.shards:
-            memory = self.host.get((b.collection, n), b.namespace, b.key, eventual=b.eventual)
+            need = None if b.session is None else b.session.get(n, 0)
+            shard_id = (b.collection, n)
+            memory = self.host.get(shard_id, b.namespace, b.key, eventual=b.eventual, session=need)
+            if b.session is not None:
+                seqs[n] = self.host.any_reader(shard_id).applied_seq
             if memory is not None:
-                return wire.ShardGetReply(memory)
-        return wire.ShardGetReply(None)
+                found = memory
+                break
+        return wire.ShardGetReply(found, seqs)
 
     def _locate(self, b: wire.ShardLocate) -> wire.Located:
         found: dict[int, list[tuple[int, int, float]]] = {}
@@ -399,9 +408,13 @@ class DataPlane:
         shards = [(b.collection, n) for n in b.shards]
         config = self._config_of(b.collection)
         query = validation.query_vector(b.vector, config.dim, config.metric)
-        return wire.ShardHits(
-            self.host.search(shards, query, b.k, prefix, flt, b.include_vectors, b.eventual)
+        hits = self.host.search(
+            shards, query, b.k, prefix, flt, b.include_vectors, b.eventual, b.session
         )
+        seqs = {}
+        if b.session is not None:
+            seqs = {n: self.host.any_reader((b.collection, n)).applied_seq for n in b.shards}
+        return wire.ShardHits(hits, seqs)
 
     def _config_of(self, collection: str) -> CollectionConfig:
         config = self.map.current.collections.get(collection)

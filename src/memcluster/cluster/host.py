@@ -87,6 +87,10 @@ class Replica(Protocol):
     def stats(self) -> Mapping[str, int]: ...
 
 
+SESSION_WAIT_S = 0.5
+"""How long a replica waits to catch up with a session before the leader answers instead."""
+
+
 class State(enum.Enum):
     INCOMING = "incoming"
     READY = "ready"
@@ -264,9 +268,20 @@ class ShardHost:
         assert isinstance(h.shard, Shard), shard_id
         return h.shard
 
-    def any_reader(self, shard_id: ShardId) -> Shard:
-        """A shard held here for an eventual read: any replica, followers too."""
-        return self._data(shard_id, State.ACTIVE, State.FROZEN, State.FOLLOWER)
+    def any_reader(self, shard_id: ShardId, session: int = 0) -> Shard:
+        """A shard held here for an eventual read: any replica, followers too. With
+        ``session`` (a seq), only once it has applied that seq: it waits up to
+        ``SESSION_WAIT_S`` for it, then refuses with WrongNode (the leader answers)."""
+        shard = self._data(shard_id, State.ACTIVE, State.FROZEN, State.FOLLOWER)
+        deadline = time.monotonic() + SESSION_WAIT_S
+        while shard.applied_seq < session:
+            if time.monotonic() > deadline:
+                raise WrongNode(
+                    f"shard {shard_name(shard_id)}: this replica is at seq {shard.applied_seq},"
+                    f" the session needs {session}: read at the leader"
+                )
+            time.sleep(0.002)
+        return shard
 
     def hosted(self, shard_id: ShardId) -> Hosted | None:
         with self._lock:
@@ -489,9 +504,11 @@ class ShardHost:
         idempotency_key: str | None,
         fence: tuple[str, int] | None = None,
         version_floors: Mapping[int, int] | None = None,
+        seqs: dict[int, int] | None = None,
     ) -> dict[int, list[int]]:
         """Write each shard's memories; returns each shard's versions in input order.
-        ``version_floors``: per shard, a version its new versions must exceed.
+        ``version_floors``: per shard, a version its new versions must exceed. ``seqs``, if
+        given, receives each shard's applied seq after the write (for session tokens).
 
         Atomic on this node: every batch is checked (versions, capacity) under all the shards'
         locks before any is written."""
@@ -528,12 +545,23 @@ class ShardHost:
                 shard.commit(token)
         for h, seq in written:
             h.replicated(seq)
+            if seqs is not None:
+                seqs[h.id[1]] = seq
         return out
 
     def get(
-        self, shard_id: ShardId, namespace: tuple[str, ...], key: str, *, eventual: bool = False
+        self,
+        shard_id: ShardId,
+        namespace: tuple[str, ...],
+        key: str,
+        *,
+        eventual: bool = False,
+        session: int | None = None,
     ) -> Memory | None:
-        shard = self.any_reader(shard_id) if eventual else self.reader(shard_id)
+        if session is not None:
+            shard = self.any_reader(shard_id, session)
+        else:
+            shard = self.any_reader(shard_id) if eventual else self.reader(shard_id)
         with self._serving():
             return shard.get(namespace, key)
 
@@ -571,9 +599,16 @@ class ShardHost:
         return count
 
     def _each(
-        self, shards: Sequence[ShardId], call: Callable[[Shard], R], eventual: bool = False
+        self,
+        shards: Sequence[ShardId],
+        call: Callable[[Shard], R],
+        eventual: bool = False,
+        session: Mapping[int, int] | None = None,
     ) -> list[R]:
-        readers = [self.any_reader(s) if eventual else self.reader(s) for s in shards]
+        if session is not None:
+            readers = [self.any_reader(s, session.get(s[1], 0)) for s in shards]
+        else:
+            readers = [self.any_reader(s) if eventual else self.reader(s) for s in shards]
         with self._serving():
             if len(readers) == 1:
                 return [call(readers[0])]
@@ -588,6 +623,7 @@ class ShardHost:
         flt: Filter,
         include_vectors: bool,
         eventual: bool = False,
+        session: Mapping[int, int] | None = None,
     ) -> list[Hit]:
         """The global top-k of these shards (by score, ties by namespace and key); with
         ``eventual``, from followers too, without waiting for acknowledgements."""
@@ -596,7 +632,7 @@ class ShardHost:
         def search(shard: Shard) -> list[Hit]:
             return shard.search(query, k, prefix, flt, include_vectors)
 
-        for found in self._each(shards, search, eventual):
+        for found in self._each(shards, search, eventual, session):
             hits.extend(found)
         hits.sort(key=lambda h: (-h.score, h.memory.namespace, h.memory.key))
         return hits[:k]

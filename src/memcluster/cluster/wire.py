@@ -32,6 +32,8 @@ class ShardPut(msgspec.Struct, kw_only=True):
 
 class ShardPutReply(msgspec.Struct):
     versions: dict[int, list[int]]
+    seqs: dict[int, int] = {}
+    """Per shard: its applied seq after the write (for session tokens)."""
 
 
 class ShardGet(msgspec.Struct, kw_only=True):
@@ -40,10 +42,15 @@ class ShardGet(msgspec.Struct, kw_only=True):
     namespace: tuple[str, ...]
     key: str
     eventual: bool = False
+    session: dict[int, int] | None = None
+    """A session read: per shard, the seq the replica must have applied to answer (it waits
+    briefly for it, else refuses with WrongNode)."""
 
 
 class ShardGetReply(msgspec.Struct):
     memory: Memory | None
+    seqs: dict[int, int] = {}
+    """A session read: the applied seq of each shard that answered."""
 
 
 class ShardDelete(msgspec.Struct, kw_only=True):
@@ -103,10 +110,14 @@ class ShardSearch(msgspec.Struct, kw_only=True):
     include_vectors: bool = False
     eventual: bool = False
     """Served by whichever replica receives it (a follower too), without waiting."""
+    session: dict[int, int] | None = None
+    """A session read: as ``ShardGet.session``."""
 
 
 class ShardHits(msgspec.Struct):
     hits: list[Hit]
+    seqs: dict[int, int] = {}
+    """A session read: the applied seq of each shard that answered."""
 
 
 class ShardList(msgspec.Struct, kw_only=True):

@@ -146,6 +146,8 @@ class PutCall(PutBody, kw_only=True):
 
 class PutReply(msgspec.Struct):
     versions: list[int]
+    session: str | msgspec.UnsetType = msgspec.UNSET
+    """In a cluster: the session token including this write (``memcluster.core.session``)."""
 
 
 class KeyBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -160,6 +162,8 @@ class KeyCall(KeyBody, kw_only=True):
 class GetBody(KeyBody, kw_only=True, omit_defaults=True):
     consistency: Consistency = Consistency.STRONG
     """See :class:`Consistency` (a strong get has the bytes of protocol v1)."""
+    session: str | None = None
+    """``consistency="session"``: the session token (HTTP: or the Memcluster-Session header)."""
 
 
 class GetCall(GetBody, kw_only=True):
@@ -176,6 +180,8 @@ class DeleteCall(DeleteBody, kw_only=True):
 
 class GetReply(msgspec.Struct):
     memory: Memory | None
+    session: str | msgspec.UnsetType = msgspec.UNSET
+    """A session read: the token, updated with what it saw."""
 
 
 class DeleteReply(msgspec.Struct):
@@ -202,6 +208,8 @@ class SearchBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     filter: dict[str, Any] | None = None
     include_vectors: bool = False
     consistency: Consistency = Consistency.STRONG
+    session: str | msgspec.UnsetType | None = msgspec.UNSET
+    """``consistency="session"``: the session token (HTTP: or the Memcluster-Session header)."""
     nprobe: int | msgspec.UnsetType | None = msgspec.UNSET
     """Vector-sharded collections: how many nearest-centroid shards to search (unset or None:
     the collection's ``nprobe``; 0 or >= shards: all of them, an exact plan). Unset fields
@@ -219,6 +227,8 @@ class SearchReply(msgspec.Struct):
     hits: list[Hit]
     missing_shards: list[str] = []
     """Shards that did not answer (only with ``allow_partial``), as "collection/NNNN"."""
+    session: str | msgspec.UnsetType = msgspec.UNSET
+    """A session read: the token, updated with what it saw."""
 
 
 class ListBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

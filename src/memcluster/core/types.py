@@ -191,9 +191,26 @@ class SearchResult(list[Hit]):
     "collection/NNNN"), the shards that could not answer a search made with
     ``allow_partial=True`` (always empty otherwise)."""
 
-    def __init__(self, hits: Iterable[Hit] = (), missing_shards: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        hits: Iterable[Hit] = (),
+        missing_shards: Iterable[str] = (),
+        session: str | None = None,
+    ) -> None:
         super().__init__(hits)
         self.missing_shards: list[str] = list(missing_shards)
+        self.session = session
+        """A ``consistency="session"`` search in a cluster: the session token, updated with
+        what this search saw (see ``memcluster.core.session``)."""
+
+
+class Written(list[int]):
+    """The versions a ``put_many`` gave, in order: a list, plus ``session``, the token of a
+    session that includes these writes (in a cluster; None on one node)."""
+
+    def __init__(self, versions: Iterable[int] = (), session: str | None = None) -> None:
+        super().__init__(versions)
+        self.session = session
 
 
 class Page(msgspec.Struct, frozen=True):

@@ -42,7 +42,7 @@ from litestar.params import Body, FromPath, FromQuery, JSONBody
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
-from memcluster.core import api
+from memcluster.core import api, session
 from memcluster.core.api import OPERATIONS
 from memcluster.core.errors import ERROR_TABLE, InvalidArgument, MemclusterError, error_details
 from memcluster.core.types import CollectionConfig, CollectionInfo
@@ -145,6 +145,22 @@ def _subscribe_body(
         ) from None
 
 
+def _session_in(request: Request[Any, Any, Any], body: Any) -> Any:
+    """A session token in the Memcluster-Session header goes into a body that has none."""
+    token = request.headers.get(session.HEADER.lower())
+    if token and getattr(body, "session", "absent") in (None, msgspec.UNSET):
+        return msgspec.structs.replace(body, session=token)
+    return body
+
+
+def _session_out(reply: Any) -> Any:
+    """A reply carrying a session token also sends it in the Memcluster-Session header."""
+    token = getattr(reply, "session", None)
+    if isinstance(token, str):
+        return Response(reply, headers={session.HEADER: token})
+    return reply
+
+
 def build_app(service: Service, *, request_bytes_max: int) -> Litestar:
     """The Litestar application serving ``service``."""
 
@@ -200,7 +216,9 @@ def build_app(service: Service, *, request_bytes_max: int) -> Litestar:
         if "{collection}" in op.path:
 
             async def handler(request: Request[Any, Any, Any], collection: str, data: Any) -> Any:
-                return await call(request, kind, collection, data)
+                return _session_out(
+                    await call(request, kind, collection, _session_in(request, data))
+                )
 
             annotations["collection"] = FromPath[str]
         else:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import msgspec
 
 from memcluster.core import api
-from memcluster.core.api import OPERATIONS, Operation
+from memcluster.core.api import OPERATIONS, Consistency, Operation
 from memcluster.core.errors import InvalidArgument
 from memcluster.core.types import CollectionConfig, CollectionInfo, Hit, Memory, Page
 from memcluster.node.auth import Auth, Principal
@@ -306,10 +306,16 @@ class Service:
 
     def _put(self, collection: str, body: api.PutBody) -> api.PutReply:
         coll = self.store.collection(collection)
-        return api.PutReply(coll.put_many(body.memories, body.idempotency_key, body.fence))
+        versions = coll.put_many(body.memories, body.idempotency_key, body.fence)
+        token = getattr(versions, "session", None)  # a cluster's Written
+        return api.PutReply(list(versions), token or msgspec.UNSET)
 
     def _get(self, collection: str, body: api.GetBody) -> api.GetReply:
         coll = self.store.collection(collection)
+        with_session = getattr(coll, "get_with_session", None)  # a cluster's collection
+        if body.consistency is Consistency.SESSION and with_session is not None:
+            memory, token = with_session(body.namespace, body.key, body.consistency, body.session)
+            return api.GetReply(memory, token or msgspec.UNSET)
         return api.GetReply(coll.get(body.namespace, body.key, body.consistency))
 
     def _delete(self, collection: str, body: api.DeleteBody) -> api.DeleteReply:
@@ -324,7 +330,11 @@ class Service:
         return api.CountReply(self.store.collection(collection).count(body.namespace, body.filter))
 
     def _search(self, collection: str, body: api.SearchBody) -> api.SearchReply:
-        hits = self.store.collection(collection).search(
+        coll = self.store.collection(collection)
+        # A cluster's collection takes the session token (one node is always up to date).
+        cluster = hasattr(coll, "get_with_session") and isinstance(body.session, str)
+        extra: dict[str, Any] = {"token": body.session} if cluster else {}
+        hits = coll.search(
             body.vector,
             body.k,
             body.namespace,
@@ -333,8 +343,12 @@ class Service:
             body.consistency,
             None if body.nprobe is msgspec.UNSET else body.nprobe,
             body.allow_partial is True,
+            **extra,
         )
-        return api.SearchReply(list(hits), list(getattr(hits, "missing_shards", ())))
+        token = getattr(hits, "session", None)
+        return api.SearchReply(
+            list(hits), list(getattr(hits, "missing_shards", ())), token or msgspec.UNSET
+        )
 
     def _list(self, collection: str, body: api.ListBody) -> Page:
         return self.store.collection(collection).list(

@@ -48,7 +48,7 @@ from memcluster.cluster.coordinator import Compare, Coordinator, Delete, Op, Put
 from memcluster.cluster.dataplane import DataPlane, Peers, follow_local
 from memcluster.cluster.keys import COORDINATION, collection_key, encode, shards_prefix
 from memcluster.cluster.shardmap import ShardMap, Snapshot
-from memcluster.core import api, validation
+from memcluster.core import api, session, validation
 from memcluster.core.api import OPERATIONS, Consistency
 from memcluster.core.config import Config
 from memcluster.core.errors import (
@@ -73,6 +73,7 @@ from memcluster.core.types import (
     Message,
     Page,
     SearchResult,
+    Written,
 )
 from memcluster.query.feeds import MergedFeed, StreamReader
 from memcluster.shard.coord import CoordShard
@@ -86,17 +87,10 @@ from memcluster.shard.prepare import (
 from memcluster.shard.sharding import Sharder, check_config
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 ROUTE_DEADLINE_S = 15.0
 """How long a request keeps re-routing around moves and restarts before it fails."""
-
-
-def _eventual(consistency: Consistency | str) -> bool:
-    """Whether a read may be served by any replica. ``strong`` (and ``session``, for now
-    served like strong) read at the leader, once what it holds is acknowledged; ``quorum``
-    has no meaning for leader-follower shards and reads like strong."""
-    level = validation.enum_value("consistency", consistency, Consistency)
-    return level is Consistency.EVENTUAL
 
 
 class ClusterStore:
@@ -659,11 +653,13 @@ class ClusterCollection:
             reroute=reroute,
         )
         versions = [0] * len(memories)
+        seqs: dict[int, int] = {}
         for reply in replies:
+            seqs.update(reply.seqs)
             for shard, got in reply.versions.items():
                 for i, version in zip(positions[shard], got, strict=True):
                     versions[i] = version
-        return versions
+        return Written(versions, session.merge(None, self.name, seqs))
 
     def _put_moving(
         self,
@@ -803,21 +799,66 @@ class ClusterCollection:
         namespace: tuple[str, ...],
         key: str,
         consistency: Consistency | str = Consistency.STRONG,
+        token: str | None = None,
     ) -> Memory | None:
+        return self.get_with_session(namespace, key, consistency, token)[0]
+
+    def get_with_session(
+        self,
+        namespace: tuple[str, ...],
+        key: str,
+        consistency: Consistency | str = Consistency.STRONG,
+        token: str | None = None,
+    ) -> tuple[Memory | None, str | None]:
+        """The memory, and for a session read the session token updated with what it saw."""
         ns, k = self._key(namespace, key)
-        eventual = _eventual(consistency)
-        replies, _ = self._store.scatter(
-            self.name,
-            self._key_shards(ns, k),
-            "shard.get",
-            lambda group: wire.ShardGet(
-                collection=self.name, shards=group, namespace=ns, key=k, eventual=eventual
-            ),
-            wire.ShardGetReply,
-            any_replica=eventual,
-        )
+        level = validation.enum_value("consistency", consistency, Consistency)
+        eventual = level is Consistency.EVENTUAL
+        shards = self._key_shards(ns, k)
+
+        def read(need: dict[int, int] | None) -> list[wire.ShardGetReply]:
+            replies, _ = self._store.scatter(
+                self.name,
+                shards,
+                "shard.get",
+                lambda group: wire.ShardGet(
+                    collection=self.name,
+                    shards=group,
+                    namespace=ns,
+                    key=k,
+                    eventual=eventual,
+                    session=need,
+                ),
+                wire.ShardGetReply,
+                any_replica=eventual or need is not None,
+                reroute=need is None,
+            )
+            return replies
+
+        replies, token = self._session_read(level, token, read)
         found = [r.memory for r in replies if r.memory is not None]
-        return max(found, key=lambda m: m.updated_at) if found else None
+        return (max(found, key=lambda m: m.updated_at) if found else None), token
+
+    def _session_read(
+        self,
+        level: Consistency,
+        token: str | None,
+        read: Callable[[dict[int, int] | None], list[R]],
+    ) -> tuple[list[R], str | None]:
+        """Run ``read`` as ``level`` asks: a session read goes to any replica that has
+        applied the session's seqs (the leader if none has, soon enough), and returns the
+        token raised to what it saw; other levels return no token."""
+        if level is not Consistency.SESSION:
+            return read(None), None
+        need = session.wanted(token, self.name)
+        try:
+            replies = read(need)
+        except WrongNode:  # a replica behind the session (or moved): the leader answers
+            replies = read(None)
+        seen: dict[int, int] = {}
+        for reply in replies:
+            seen.update(getattr(reply, "seqs", {}))
+        return replies, session.merge(token, self.name, seen)
 
     def _sum(
         self, kind: str, prefix: tuple[str, ...], flt: dict[str, Any] | None, resend: bool = True
@@ -850,33 +891,46 @@ class ClusterCollection:
         consistency: Consistency | str = Consistency.STRONG,
         nprobe: int | None = None,
         allow_partial: bool = False,
+        token: str | None = None,
     ) -> SearchResult:
+        """``consistency="session"`` with ``token``: see ``memcluster.core.session``; the
+        result's ``session`` is the token raised to what this search saw."""
         cfg = self._store.config
         validation.int_in_range("k", k, 1, cfg.search_k_max)
-        eventual = _eventual(consistency)
+        level = validation.enum_value("consistency", consistency, Consistency)
+        eventual = level is Consistency.EVENTUAL
         if nprobe is not None:
             validation.int_in_range("nprobe", nprobe, 0, cfg.shards_max)
         prefix, flt = self._scope(namespace, filter)
         query = validation.query_vector(vector, self.config.dim, self.config.metric)
         shards = self._sharder.search_shards(prefix, flt, query, nprobe)
-        replies, missing = self._store.scatter(
-            self.name,
-            shards,
-            "shard.search",
-            lambda group: wire.ShardSearch(
-                collection=self.name,
-                shards=group,
-                vector=query,
-                k=k,
-                namespace=prefix,
-                filter=flt,
-                include_vectors=include_vectors,
-                eventual=eventual,
-            ),
-            wire.ShardHits,
-            allow_partial=bool(allow_partial),
-            any_replica=eventual,
-        )
+        missing: list[str] = []
+
+        def read(need: dict[int, int] | None) -> list[wire.ShardHits]:
+            replies, lost = self._store.scatter(
+                self.name,
+                shards,
+                "shard.search",
+                lambda group: wire.ShardSearch(
+                    collection=self.name,
+                    shards=group,
+                    vector=query,
+                    k=k,
+                    namespace=prefix,
+                    filter=flt,
+                    include_vectors=include_vectors,
+                    eventual=eventual,
+                    session=None if need is None else {n: need.get(n, 0) for n in group},
+                ),
+                wire.ShardHits,
+                allow_partial=bool(allow_partial),
+                any_replica=eventual or need is not None,
+                reroute=need is None,
+            )
+            missing[:] = lost
+            return replies
+
+        replies, token = self._session_read(level, token, read)
         hits: list[Hit] = [h for r in replies for h in r.hits]
         hits.sort(key=lambda h: (-h.score, h.memory.namespace, h.memory.key))
         if not self._sharder.keyed:
@@ -889,7 +943,7 @@ class ClusterCollection:
                     seen.add((hit.memory.namespace, hit.memory.key))
                     unique.append(hit)
             hits = unique
-        return SearchResult(hits[:k], missing)
+        return SearchResult(hits[:k], missing, token)
 
     def list(
         self,
