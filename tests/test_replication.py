@@ -555,3 +555,27 @@ def test_session_reads_see_the_clients_own_writes_on_any_replica(cluster: Cluste
         )
         assert bad.status_code == 400
         assert "session token" in bad.json()["message"]
+
+
+def test_a_write_may_ask_for_its_own_acknowledgement_policy(cluster: Cluster) -> None:
+    """ack per write: with a follower just killed (still in the in-sync set), a write with
+    ack="leader" returns at once, while one with the collection's ack="all" waits until the
+    leader has taken the dead follower out of the in-sync set. A bad ack is refused."""
+    cluster.add_nodes("n1", "n2", "n3")
+    client = cluster.client("n1", "binary")
+    client.create_collection("acks", dim=4, replication_factor=3)
+    first = _placed(cluster, "acks")
+    coll = client.collection("acks")
+    coll.put_many([_memory(0)])
+    cluster.kill(next(n for n in first.replicas if n not in (first.leader, "n1")))
+    started = time.monotonic()
+    coll.put_many([_memory(1)], ack="leader")
+    fast = time.monotonic() - started
+    started = time.monotonic()
+    coll.put_many([_memory(2)])
+    slow = time.monotonic() - started
+    print(f"with a follower just killed: ack=leader {fast * 1000:.0f} ms, ack=all {slow:.2f} s")
+    assert fast < 0.5
+    assert slow > fast
+    with pytest.raises(memcluster.InvalidArgument, match="ack"):
+        coll.put_many([_memory(3)], ack="some")

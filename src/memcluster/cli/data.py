@@ -511,6 +511,21 @@ def collections_group(ctx: click.Context, target: Target) -> None:
     show_default=True,
     help="What a full collection does with a new write (none: reject it).",
 )
+@click.option(
+    "--replication-factor",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Copies of each shard on distinct nodes (a cluster).",
+)
+@click.option(
+    "--ack",
+    type=click.Choice(["all", "majority", "leader"]),
+    default="all",
+    show_default=True,
+    help="When a replicated write is acknowledged: all in-sync replicas, a majority, or the"
+    " leader alone.",
+)
 @target_options
 def collections_create(
     target: Target,
@@ -521,6 +536,8 @@ def collections_create(
     ttl_s: float | None,
     capacity_items: int | None,
     eviction: str,
+    replication_factor: int,
+    ack: str,
 ) -> None:
     """Create collection NAME for vectors of --dim numbers.
 
@@ -529,6 +546,7 @@ def collections_create(
       memcluster collections create memories --dim 384
       memcluster collections create scratch --dim 8 --metric l2 --ttl-s 3600 \\
           --capacity-items 100000 --eviction lru
+      memcluster collections create shared --dim 384 --shards 4 --replication-factor 3
     """
     with connect(target) as client:
         info = client.create_collection(
@@ -539,6 +557,8 @@ def collections_create(
             ttl_s=ttl_s,
             capacity_items=capacity_items,
             eviction=eviction,
+            replication_factor=replication_factor,
+            ack=ack,
         ).describe()
     if target.as_json:
         print_json(info)

@@ -70,6 +70,7 @@ from memcluster.core.errors import (
     VersionConflict,
 )
 from memcluster.core.types import (
+    Ack,
     CollectionConfig,
     CollectionInfo,
     CollectionStats,
@@ -711,6 +712,7 @@ class Collection:
         memories: Sequence[Memory],
         idempotency_key: str | None = None,
         fence: tuple[str, int] | None = None,
+        ack: Ack | str | None = None,
     ) -> list[int]:
         """Write a batch; returns the versions in input order.
 
@@ -719,7 +721,11 @@ class Collection:
         ``idempotency_key`` returns the first call's versions without writing twice.
         ``fence=(lock, token)``: written only while ``token`` holds the lock (see
         ``Database.acquire_lock``); StaleToken otherwise, and nothing is written.
+        ``ack`` ("all", "majority", "leader") overrides the collection's acknowledgement
+        policy for this write in a cluster; one process has one copy.
         """
+        if ack is not None:
+            validation.enum_value("ack", ack, Ack)
         self._db._check_open()
         with self._fenced(fence):
             return self._put_many(memories, idempotency_key)

@@ -46,6 +46,7 @@ from memcluster.core.errors import (
     is_retryable,
 )
 from memcluster.core.types import (
+    Ack,
     CollectionConfig,
     CollectionInfo,
     Durability,
@@ -637,12 +638,17 @@ class AsyncCollection:
         memories: Sequence[Memory],
         idempotency_key: str | None = None,
         fence: tuple[str, int] | None = None,
+        ack: Ack | str | None = None,
     ) -> list[int]:
-        """Write a batch atomically against rejection; returns the versions in input order."""
+        """Write a batch atomically against rejection; returns the versions in input order.
+        ``ack``: see the embedded ``put_many``."""
         if not memories:
             return []
         body = api.PutBody(
-            memories=list(memories), idempotency_key=idempotency_key, fence=_fence(fence)
+            memories=list(memories),
+            idempotency_key=idempotency_key,
+            fence=_fence(fence),
+            ack=msgspec.UNSET if ack is None else validation.enum_value("ack", ack, Ack),
         )
         reply = await self._call("put", body, api.PutReply)
         self._keep(reply.session)

@@ -32,6 +32,7 @@ from memcluster.core import api
 from memcluster.core.api import Consistency
 from memcluster.core.errors import StaleToken
 from memcluster.core.types import (
+    Ack,
     CollectionConfig,
     CollectionInfo,
     Durability,
@@ -344,9 +345,11 @@ class Collection:
         memories: Sequence[Memory],
         idempotency_key: str | None = None,
         fence: tuple[str, int] | None = None,
+        ack: Ack | str | None = None,
     ) -> list[int]:
-        """Write a batch; returns the versions in input order."""
-        return self._run(self._async.put_many(memories, idempotency_key, fence))
+        """Write a batch; returns the versions in input order. ``ack``: see the embedded
+        ``put_many``."""
+        return self._run(self._async.put_many(memories, idempotency_key, fence, ack))
 
     def get(
         self, namespace: Namespace, key: str, consistency: Consistency | str = Consistency.STRONG

@@ -342,8 +342,9 @@ class DataPlane:
         if config.sharding is not Sharding.HASH:
             self._check_placement(config, b.batches)
         seqs: dict[int, int] = {}
+        ack = None if b.ack is None else Ack(b.ack)
         versions = self.host.put(
-            b.collection, b.batches, b.idempotency_key, b.fence, b.version_floors, seqs
+            b.collection, b.batches, b.idempotency_key, b.fence, b.version_floors, seqs, ack
         )
         return wire.ShardPutReply(versions, seqs)
 

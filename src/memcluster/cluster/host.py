@@ -50,6 +50,7 @@ from memcluster.core.config import Config
 from memcluster.core.errors import InvalidArgument, InvalidState, WrongNode
 from memcluster.core.types import CollectionConfig, Hit, Memory
 from memcluster.index.filters import Filter
+from memcluster.replication.leader import Ack
 from memcluster.shard.coord import CoordShard
 from memcluster.shard.maintenance import Maintainer
 from memcluster.shard.prepare import prepare_puts
@@ -104,9 +105,9 @@ class State(enum.Enum):
 class Replication(Protocol):
     """What a replicated shard's driver offers the host (``cluster.replicas``)."""
 
-    def wait(self, seq: int) -> None:
-        """Block until the write that ended at ``seq`` is acknowledged as the collection's
-        ``ack`` asks; WrongNode (leadership moved) or Timeout if it cannot be."""
+    def wait(self, seq: int, ack: Ack | None = None) -> None:
+        """Block until the write that ended at ``seq`` is acknowledged as ``ack`` (default:
+        the collection's) asks; WrongNode (leadership moved) or Timeout if it cannot be."""
         ...
 
     def barrier(self) -> None:
@@ -133,10 +134,10 @@ class Hosted:
         """Set for a replicated shard's replica."""
         shard.write_gate = self._gate
 
-    def replicated(self, seq: int) -> None:
+    def replicated(self, seq: int, ack: Ack | None = None) -> None:
         """Wait until the write that ended at ``seq`` may be acknowledged."""
         if self.replication is not None:
-            self.replication.wait(seq)
+            self.replication.wait(seq, ack)
 
     def _gate(self) -> None:
         if self.state is not State.ACTIVE:
@@ -505,6 +506,7 @@ class ShardHost:
         fence: tuple[str, int] | None = None,
         version_floors: Mapping[int, int] | None = None,
         seqs: dict[int, int] | None = None,
+        ack: Ack | None = None,
     ) -> dict[int, list[int]]:
         """Write each shard's memories; returns each shard's versions in input order.
         ``version_floors``: per shard, a version its new versions must exceed. ``seqs``, if
@@ -544,7 +546,7 @@ class ShardHost:
             for shard, token in tokens:
                 shard.commit(token)
         for h, seq in written:
-            h.replicated(seq)
+            h.replicated(seq, ack)
             if seqs is not None:
                 seqs[h.id[1]] = seq
         return out

@@ -304,10 +304,10 @@ class ReplicaDriver:
         with self._lock:
             return self.replica.committed()
 
-    def wait(self, seq: int) -> None:
+    def wait(self, seq: int, ack: Ack | None = None) -> None:
         deadline = time.monotonic() + self.write_timeout_s
         with self._changed:
-            while self.replica.committed() < seq:
+            while self.replica.committed(ack) < seq:
                 if not self.replica.is_leader or self._closed:
                     raise WrongNode(
                         f"shard {self.name}: this node stopped leading it (now epoch"

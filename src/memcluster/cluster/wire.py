@@ -25,6 +25,8 @@ class ShardPut(msgspec.Struct, kw_only=True):
     idempotency_key: str | None = None
     fence: tuple[str, int] | None = None
     """(lock, token): refused (StaleToken) by a shard where a higher token of the lock wrote."""
+    ack: str | None = None
+    """This write's acknowledgement policy (all, majority, leader); None: the collection's."""
     version_floors: dict[int, int] = {}
     """Per shard: versions given there must be above this (memories moving in keep counting
     up from their version in the shard they leave)."""

@@ -23,6 +23,7 @@ import msgspec
 import numpy as np
 
 from memcluster.core.types import (
+    Ack,
     CollectionConfig,
     CollectionInfo,
     Event,
@@ -138,6 +139,9 @@ class PutBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     idempotency_key: str | None = None
     fence: tuple[str, int] | None = None
     """(lock name, fencing token): written only while the token holds the lock."""
+    ack: Ack | msgspec.UnsetType = msgspec.UNSET
+    """Replicated collections: when this write is acknowledged (default: the collection's
+    ``ack``). Sent only when given."""
 
 
 class PutCall(PutBody, kw_only=True):

@@ -42,6 +42,7 @@ class StoreCollection(Protocol):
         memories: Sequence[Memory],
         idempotency_key: str | None = None,
         fence: tuple[str, int] | None = None,
+        ack: str | None = None,
     ) -> list[int]: ...
     def get(
         self, namespace: tuple[str, ...], key: str, consistency: str = "strong"
@@ -306,7 +307,8 @@ class Service:
 
     def _put(self, collection: str, body: api.PutBody) -> api.PutReply:
         coll = self.store.collection(collection)
-        versions = coll.put_many(body.memories, body.idempotency_key, body.fence)
+        ack = None if body.ack is msgspec.UNSET else body.ack
+        versions = coll.put_many(body.memories, body.idempotency_key, body.fence, ack)
         token = getattr(versions, "session", None)  # a cluster's Written
         return api.PutReply(list(versions), token or msgspec.UNSET)
 

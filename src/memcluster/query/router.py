@@ -65,6 +65,7 @@ from memcluster.core.errors import (
     WrongNode,
 )
 from memcluster.core.types import (
+    Ack,
     CollectionConfig,
     CollectionInfo,
     CollectionStats,
@@ -600,8 +601,12 @@ class ClusterCollection:
         memories: Sequence[Memory],
         idempotency_key: str | None = None,
         fence: tuple[str, int] | None = None,
+        ack: Ack | str | None = None,
     ) -> list[int]:
+        """``ack``: this write's acknowledgement policy on a replicated collection ("all",
+        "majority", "leader"; None: the collection's)."""
         cfg = self._store.config
+        level = None if ack is None else validation.enum_value("ack", ack, Ack)
         if len(memories) > cfg.batch_items_max:
             raise PayloadTooLarge(
                 f"batch has {len(memories)} memories; the limit is {cfg.batch_items_max}: split it"
@@ -617,8 +622,8 @@ class ClusterCollection:
         idem = idempotency_key or f"auto-{uuid.uuid4().hex}"
         if self._sharder.keyed:
             placed = [self._sharder.key_shard(p.namespace, p.key) or 0 for p in prepared]
-            return self._write(list(memories), placed, idem, checked, reroute=True)
-        return self._put_moving(memories, prepared, matrix, idem, checked)
+            return self._write(list(memories), placed, idem, checked, reroute=True, ack=level)
+        return self._put_moving(memories, prepared, matrix, idem, checked, level)
 
     def _write(
         self,
@@ -629,6 +634,7 @@ class ClusterCollection:
         *,
         reroute: bool,
         floors: dict[int, int] | None = None,
+        ack: Ack | None = None,
     ) -> list[int]:
         """Write each memory to its placed shard, one request per node; the versions.
         ``floors``: per shard, a version the new versions there must exceed."""
@@ -648,6 +654,7 @@ class ClusterCollection:
                 idempotency_key=idem,
                 fence=fence,
                 version_floors={n: floors[n] for n in group if n in floors},
+                ack=None if ack is None else ack.value,
             ),
             wire.ShardPutReply,
             reroute=reroute,
@@ -668,6 +675,7 @@ class ClusterCollection:
         matrix: npt.NDArray[np.float32],
         idem: str,
         fence: tuple[str, int] | None,
+        ack: Ack | None = None,
     ) -> list[int]:
         """A put to a range or vector collection, where a memory's shard follows its field or
         vector. Each memory's current copies are located first: ``if_version`` is checked
@@ -716,7 +724,9 @@ class ClusterCollection:
                         floors[placed[i]] = max(floors.get(placed[i], 0), newest)
                 sending.append(memory)
             try:
-                versions = self._write(sending, placed, idem, fence, reroute=False, floors=floors)
+                versions = self._write(
+                    sending, placed, idem, fence, reroute=False, floors=floors, ack=ack
+                )
             except WrongNode:
                 if time.monotonic() > deadline:
                     raise

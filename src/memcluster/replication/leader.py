@@ -357,12 +357,14 @@ class Replica:
             self._sent[f] = batch[-1].seq if batch else start
         return out
 
-    def _needed(self) -> int:
-        """The highest seq whose writes may be acknowledged now."""
-        if self.ack is Ack.LEADER:
+    def _needed(self, ack: Ack | None = None) -> int:
+        """The highest seq whose writes may be acknowledged now (under ``ack``, default the
+        replica's)."""
+        ack = ack or self.ack
+        if ack is Ack.LEADER:
             return self.last[0]
         in_sync = [n for n in self.config.in_sync if n in self.config.replicas]
-        if self.ack is Ack.ALL:
+        if ack is Ack.ALL:
             if not self.in_sync_rule:
                 return self.last[0]  # the deliberately broken rule the simulator must catch
             return min((self._has(n) for n in in_sync), default=0)
@@ -520,10 +522,11 @@ class Replica:
             return []
         return self._replicate() + self._answer()
 
-    def committed(self) -> int:
-        """The highest seq that may be acknowledged now (0 unless leading): reads at the
-        leader wait for it to cover what they could see."""
-        return self._needed() if self.is_leader else 0
+    def committed(self, ack: Ack | None = None) -> int:
+        """The highest seq that may be acknowledged now (0 unless leading), under ``ack``
+        (default: the replica's; a write may ask for another). Reads at the leader wait for
+        it to cover what they could see."""
+        return self._needed(ack) if self.is_leader else 0
 
     def follower_acks(self) -> dict[str, int]:
         """Leading: the highest seq each follower acknowledged in this epoch."""
