@@ -39,10 +39,11 @@ class _SlowCollection:
         memories: Sequence[Memory],
         idempotency_key: str | None = None,
         fence: tuple[str, int] | None = None,
+        ack: str | None = None,
     ) -> list[int]:
         self._started.set()
         time.sleep(WRITE_S)
-        versions: list[int] = self._inner.put_many(memories, idempotency_key, fence)
+        versions: list[int] = self._inner.put_many(memories, idempotency_key, fence, ack)
         return versions
 
 
