@@ -579,3 +579,31 @@ def test_a_write_may_ask_for_its_own_acknowledgement_policy(cluster: Cluster) ->
     assert slow > fast
     with pytest.raises(memcluster.InvalidArgument, match="ack"):
         coll.put_many([_memory(3)], ack="some")
+
+
+def test_draining_the_leaders_node_hands_the_lead_over_and_replaces_its_replica(
+    cluster: Cluster,
+) -> None:
+    """RF 3 on 4 nodes: drain the leader's node under writes. Another in-sync replica takes
+    the lead (a new epoch), the fourth node gets a replica and catches up, and the drained
+    node ends up holding nothing; no acknowledged write is lost."""
+    cluster.add_nodes("n1", "n2", "n3", "n4")
+    client = cluster.client("n1", "binary")
+    client.create_collection("dr", dim=4, replication_factor=3)
+    first = _placed(cluster, "dr")
+    leader = first.leader
+    assert leader is not None
+    entry = next(n for n in ("n1", "n2", "n3", "n4") if n != leader)
+    with Writer(cluster.client(entry, "binary"), "dr") as writer:
+        writer.wait_acked(100)
+        done = cluster.cli("drain", leader, "--timeout", "60")
+        assert done.returncode == 0, done.stdout + done.stderr
+        writer.wait_acked(len(writer.acked) + 50)
+    after = _assignment(cluster, "dr")
+    assert after is not None
+    assert leader not in after.replicas
+    assert after.leader is not None
+    assert after.epoch > first.epoch
+    assert len(after.replicas) == 3
+    _all_there(cluster, entry, "dr", writer.acked)
+    print(f"drained {leader}: replicas {first.replicas} -> {after.replicas}")

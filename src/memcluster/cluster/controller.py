@@ -159,11 +159,7 @@ async def reconcile(
                 action.reason,
             )
         elif len(assignments[action.shard].replicas) > 1:
-            log.info(
-                "not moving replicated shard %s/%d (%s): moving replica sets is not supported yet",
-                *action.shard,
-                action.reason,
-            )
+            pass  # replicated: its replicas are replaced one by one instead (_repair)
         else:
             moves.append(action)
     if peers is not None:
@@ -192,7 +188,20 @@ async def reconcile(
         for shard_id, a in assignments.items():
             of = collections.get(shard_id[0])
             factor = coordination_replicas if of is None else of.replication_factor
-            if (factor > 1 or len(a.replicas) > 1) and a.leader in live:
+            if (factor > 1 or len(a.replicas) > 1) and a.leader in draining:
+                # Hand the lead to another replica first; the next rounds replace this one.
+                await _failover(
+                    coord,
+                    cluster,
+                    peers,
+                    shard_id,
+                    a,
+                    revisions[shard_id],
+                    live,
+                    collections,
+                    exclude=frozenset([a.leader]),
+                )
+            elif (factor > 1 or len(a.replicas) > 1) and a.leader in live:
                 await _repair(
                     coord,
                     cluster,
@@ -243,19 +252,29 @@ async def _repair(
     held: dict[str, int],
 ) -> None:
     """Re-replication: drop the replicas on nodes ``gone`` (down past the grace period) and
-    add replicas on the least loaded live nodes until the shard has ``factor``. A new
-    replica starts empty and outside the in-sync set; the leader streams it the log (or has
-    it copy the shard, when the log no longer reaches back) and takes it in once it has
-    everything. One txn, conditioned on the revision read; the epoch stays (the leader
-    does not change)."""
-    replicas = [n for n in current.replicas if n not in gone]
+    add replicas on the least loaded live nodes until the shard has ``factor`` replicas off
+    draining nodes. A new replica starts empty and outside the in-sync set; the leader
+    streams it the log (or has it copy the shard, when the log no longer reaches back) and
+    takes it in once it has everything. A replica on a draining node (never the leader: it
+    hands the lead over first) is dropped once the others in sync are enough: ``factor``,
+    or all there are when no node is free to take its place. One txn, conditioned on the
+    revision read; the epoch stays (the leader does not change)."""
+    staying = [n for n in current.replicas if n not in gone and n not in draining]
+    leaving = [n for n in current.replicas if n in draining and n not in gone]
     candidates = sorted(
-        (n for n in live if n not in replicas and n not in draining), key=lambda n: (held[n], n)
+        (n for n in live if n not in current.replicas and n not in draining),
+        key=lambda n: (held[n], n),
     )
-    added = candidates[: max(0, factor - len(replicas))]
-    dropped = [n for n in current.replicas if n in gone]
+    added = candidates[: max(0, factor - len(staying))]
+    ready = [n for n in staying if n in current.in_sync]
+    if added or len(ready) < min(factor, len(staying)) or not ready:
+        leaving_dropped: list[str] = []  # keep it until its replacement is in sync
+    else:
+        leaving_dropped = leaving
+    dropped = [n for n in current.replicas if n in gone] + leaving_dropped
     if not dropped and not added:
         return
+    replicas = [n for n in current.replicas if n not in dropped]
     entry = ShardAssignment(
         epoch=current.epoch,
         replicas=(*replicas, *added),
@@ -267,7 +286,7 @@ async def _repair(
         for node in added:
             held[node] += 1
         log.warning(
-            "%s/%04d: replicas now %s (down too long: %s; added: %s)",
+            "%s/%04d: replicas now %s (dropped, down too long or drained: %s; added: %s)",
             *shard_id,
             ", ".join(entry.replicas),
             ", ".join(dropped) or "none",
@@ -284,11 +303,16 @@ async def _failover(
     revision: int,
     live: dict[str, NodeInfo],
     collections: dict[str, CollectionConfig],
+    exclude: frozenset[str] = frozenset(),
 ) -> None:
     """The leader of a replicated shard is gone (its node's lease expired, so it can no
     longer act as leader): ask the live replicas to adopt the next epoch and say how far they
     are, and promote the in-sync one with the highest entry, by a txn conditioned on the
-    revision read (:func:`memcluster.replication.leader.failover`)."""
+    revision read (:func:`memcluster.replication.leader.failover`).
+
+    With ``exclude`` (a draining leader, alive), those nodes are not asked: the others adopt
+    the new epoch and so stop acknowledging the old leader, and one of them leads; if none
+    can safely, nothing is written."""
     config = collections.get(shard_id[0])
     if config is None and shard_id != COORDINATION:
         return  # its collection is being dropped
@@ -310,7 +334,7 @@ async def _failover(
         assert isinstance(got, Status)
         statuses.append(got)
 
-    await asyncio.gather(*(ask(n) for n in current.replicas))
+    await asyncio.gather(*(ask(n) for n in current.replicas if n not in exclude))
     chosen = failover(
         ReplicaConfig(
             version=revision,
@@ -322,6 +346,9 @@ async def _failover(
         statuses,
         Ack.ALL if config is None else Ack(config.ack.value),
     )
+    if exclude and chosen.leader is None:
+        log.info("%s/%04d: no other replica can lead yet; the leader stays", *shard_id)
+        return
     entry = ShardAssignment(
         epoch=chosen.epoch, replicas=chosen.replicas, leader=chosen.leader, in_sync=chosen.in_sync
     )
