@@ -37,6 +37,7 @@ bench: $(STAMP) etcd
 	$(BIN)/python -m bench.server
 	$(BIN)/python -m bench.agents
 	$(BIN)/python -m bench.cluster --json bench/out/cluster.json
+	$(BIN)/python -m bench.replication --json bench/out/replication.json
 
 # etcd (Debian's etcd-server): the cluster's tests run it, bench.agents measures beside it.
 etcd:

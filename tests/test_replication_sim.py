@@ -12,6 +12,12 @@ Invariants: no acknowledged write is ever missing from a later leader's log (che
 every failover) and, once settled, there is a leader and every in-sync replica's log equals
 its log. Runs with the in-sync rule or epoch fencing disabled must break them for some seed,
 or the checks mean nothing.
+
+Strong reads are linearizable: clients also read at the leader they last heard of, which
+answers (as ``cluster/replicas.py`` does) only while its etcd lease is certainly valid and
+once everything it holds is acknowledged. A read must contain every write acknowledged
+before it, and only writes the final log keeps; reads never go back. Runs that skip the
+lease check or the acknowledgement barrier must break this.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ from memcluster.replication.leader import (
 
 NODES = ("a", "b", "c")
 LEASE_TTL = 2.0
+LEASE_SAFETY = 0.75
+"""As ``cluster/membership.py``: a lease counts as certainly valid for this share of the TTL
+after the last renewal etcd confirmed."""
 TICK = 0.05
 RUNS = 100
 
@@ -63,7 +72,14 @@ class _Item:
 
 class Sim:
     def __init__(
-        self, seed: int, *, ack: Ack = Ack.ALL, in_sync_rule: bool = True, fencing: bool = True
+        self,
+        seed: int,
+        *,
+        ack: Ack = Ack.ALL,
+        in_sync_rule: bool = True,
+        fencing: bool = True,
+        lease_reads: bool = True,
+        read_barrier: bool = True,
     ) -> None:
         self.rng = random.Random(seed)
         self.now = 0.0
@@ -73,10 +89,17 @@ class Sim:
         self.ack = ack
         self.in_sync_rule = in_sync_rule
         self.fencing = fencing
+        self.lease_reads = lease_reads
+        self.read_barrier = read_barrier
+        self.reads: list[tuple[float, list[tuple[int, bytes]]]] = []
         self.replicas = {n: self._replica(n, [], 0) for n in NODES}
         self.up = set(NODES)
         self.cut: set[frozenset[str]] = set()  # node pairs that cannot talk
         self.off_etcd: set[str] = set()
+        self.isolated: set[str] = set()
+        self.quiet_until = 0.0
+        """Until then, clients only read."""
+        """Nodes cut off from etcd, the other nodes and the controller alike."""
         self.renewed = dict.fromkeys(NODES, 0.0)
         self.acked: dict[int, bytes] = {}  # seq -> payload acknowledged to a client
         self.requests = itertools.count(1)
@@ -129,6 +152,8 @@ class Sim:
 
     def send(self, sender: str, to: str, message: Message) -> None:
         if frozenset((sender, to)) in self.cut or self.rng.random() < 0.05:
+            return
+        if sender in self.isolated or to in self.isolated:
             return
         copies = 2 if self.rng.random() < 0.03 else 1
         for _ in range(copies):
@@ -206,12 +231,38 @@ class Sim:
         if self.known_leader is None or self.rng.random() < 0.1:
             self.known_leader = self.config.leader
         leader = self.known_leader
-        if leader is None or self.rng.random() < 0.3:
+        roll = self.rng.random()
+        if roll < 0.3:
+            # A strong read, at the leader this client believes in (stale ones included).
+            self.read(leader if roll < 0.2 else self.rng.choice(NODES))
+            return
+        if leader is None or roll < 0.45 or self.now < self.quiet_until:
             return
         request = next(self.requests)
         payload = f"w{request}".encode()
         self.payloads[request] = payload
         self.deliver(leader, Write(request, payload))
+
+    def read(self, node: str | None) -> None:
+        """A strong read at ``node``, served as the production driver serves it, or not."""
+        if node is None or node not in self.up:
+            return
+        replica = self.replicas[node]
+        if not replica.is_leader:
+            return  # it knows it does not lead: the client asks again elsewhere
+        if self.lease_reads and self.now - self.renewed[node] >= LEASE_SAFETY * LEASE_TTL:
+            return  # its lease may have expired: no strong read
+        log = _entries(replica)
+        if self.read_barrier and replica.committed() < replica.last[0]:
+            return  # (the driver waits; here the client gives up and reads again later)
+        result = [(e.seq, e.payload) for e in log]
+        have = dict(result)
+        for seq, payload in self.acked.items():
+            if have.get(seq) != payload:
+                raise Violation(f"stale read at {node}: acknowledged write {seq} missing")
+        if self.reads and len(result) < len(self.reads[-1][1]):
+            raise Violation(f"a read at {node} went back in time")
+        self.reads.append((self.now, result))
 
     def fault(self) -> None:
         r = self.rng.random()
@@ -224,9 +275,17 @@ class Sim:
             self.cut.add(pair)
         elif r < 0.016:
             self.off_etcd.add(self.config.leader or self.rng.choice(NODES))  # the worst case
+        elif r < 0.019:
+            isolated = self.config.leader or self.rng.choice(NODES)  # a leader alone
+            self.isolated.add(isolated)
+            self.off_etcd.add(isolated)
+            # Idle when it is cut off: only a lease check keeps it from serving stale reads
+            # once another leader takes writes (with writes pending, the barrier would).
+            self.quiet_until = self.now + LEASE_TTL + 0.5
         elif r < 0.03:
             self.cut.clear()
             self.off_etcd.clear()
+            self.isolated.clear()
 
     def restart(self, node: str) -> None:
         """The node comes back with its durable state (log, epoch) and etcd's config."""
@@ -241,6 +300,7 @@ class Sim:
         """Heal everything, let replication finish, and check the replicas agree."""
         self.cut.clear()
         self.off_etcd.clear()
+        self.isolated.clear()
         for n in NODES:
             self.restart(n)
         self.run(self.now + 15.0, faults=False)
@@ -255,6 +315,9 @@ class Sim:
             theirs = [(e.seq, e.payload) for e in _entries(self.replicas[n])]
             if theirs != log:
                 raise Violation(f"in-sync replica {n} differs from leader {leader}")
+        for at, result in self.reads:
+            if result != log[: len(result)]:
+                raise Violation(f"the read at {at:.2f} saw writes the final log does not keep")
 
 
 def _entries(replica: Replica) -> list[Entry]:
@@ -295,6 +358,21 @@ def test_the_checks_catch_a_broken_rule(broken: str, seed: int) -> None:
         except Violation:
             caught += 1
     print(f"{caught} of {2 * RUNS} runs caught the broken {broken}")
+    assert caught > 0
+
+
+@pytest.mark.parametrize("broken", ["lease_reads", "read_barrier"])
+def test_the_checks_catch_strong_reads_without_lease_or_barrier(broken: str, seed: int) -> None:
+    """A leader serving strong reads after its lease may have expired (a new leader may be
+    taking writes), or before its writes are acknowledged (a failover may undo them), must
+    be caught returning a non-linearizable read in some run."""
+    caught = 0
+    for i in range(RUNS):
+        try:
+            _simulate(seed + i, **{broken: False})
+        except Violation:
+            caught += 1
+    print(f"{caught} of {RUNS} runs caught strong reads without the {broken}")
     assert caught > 0
 
 
