@@ -101,6 +101,7 @@ async def _run(
                 coordination_replicas=coordination_replicas,
                 rereplicate_after_s=rereplicate_after_s,
             )
+            controller.watch(shard_map)
             tasks.create_task(controller.run(lambda: member.lease))
             reporter = tasks.create_task(_report(member, host))
             click.echo(f"listening {info.http_url} {info.peer_url} node {node_id} up", color=False)

@@ -47,6 +47,7 @@ from memcluster.cluster.keys import (
 from memcluster.cluster.membership import live_nodes
 from memcluster.cluster.placement import Assign, Move, ShardId, plan
 from memcluster.cluster.resharding import reshard
+from memcluster.cluster.shardmap import ShardMap, Snapshot
 from memcluster.core.errors import MemclusterError, is_retryable
 from memcluster.core.types import CollectionConfig
 from memcluster.replication.leader import Ack, Status, StatusRequest, failover
@@ -469,6 +470,9 @@ class Controller:
         """Since when (monotonic) each replica's node has been seen down."""
         self.leading = False
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        """Set to reconcile now rather than at the next interval (stop, or a node left)."""
+        self._nodes: frozenset[str] | None = None
         self._moving: dict[ShardId, asyncio.Task[bool]] = {}
         """Moves in flight (they outlive a round; a move's own txn guards its switch)."""
 
@@ -508,7 +512,22 @@ class Controller:
                 self.leading = False
                 log.exception("controller on %s: unexpected error; retrying", self.node_id)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.interval_s)
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            self._wake.clear()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+
+    def watch(self, shard_map: ShardMap) -> None:
+        """Reconcile at once when the set of live nodes changes (a failover then starts as
+        soon as etcd expires the leader's lease, not up to ``interval_s`` later). Call it
+        on the event loop the controller runs on."""
+
+        def changed(snap: Snapshot) -> None:
+            nodes = frozenset(snap.nodes)
+            if self._nodes is not None and nodes != self._nodes:
+                self._wake.set()
+            self._nodes = nodes
+
+        shard_map.listen(changed)
