@@ -118,7 +118,11 @@ class Peers:
     async def request(
         self, url: str, kind: str, body: Any, reply: type[T], timeout_s: float | None = 30.0
     ) -> T:
-        conn = await self.get(url)
+        try:
+            conn = await self.get(url)
+        except Unreachable as exc:
+            exc.sent = False  # no connection: the request never left
+            raise
         return await conn.request(kind, body, reply, timeout_s=timeout_s)
 
     async def stream(self, url: str, kind: str, body: Any, item: type[T]) -> AsyncIterator[T]:

@@ -209,6 +209,10 @@ class Unreachable(RetryableError):
     (``put_many``) or a conditional version to make the retry safe.
     """
 
+    sent = True
+    """False when no connection could be opened: nothing was sent, so even a write that is
+    not idempotent may be sent again (a node-to-node router uses this during failovers)."""
+
 
 # -- fatal --------------------------------------------------------------------------------
 

@@ -364,9 +364,9 @@ class ClusterStore:
                         raise  # this node cannot confirm its lease: it will not see a new map
                     problem = exc  # a leader that cannot confirm its lease; a failover comes
                 except Unreachable as exc:
-                    if not retry_lost:
+                    if not retry_lost and exc.sent:
                         raise
-                    problem = exc
+                    problem = exc  # (not sent: the node is down; a failover may come)
             if time.monotonic() > deadline:
                 raise ShardUnavailable(
                     f"the coordination shard did not answer within {self.route_deadline_s} s:"
