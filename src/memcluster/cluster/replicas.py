@@ -79,7 +79,9 @@ WRITE_TIMEOUT_S = 10.0
 """Longest a write waits for its acknowledgements before failing with Timeout."""
 
 CACHE_ENTRIES = 4096
-"""Recent entries kept in memory, so followers that keep up are fed without reading the WAL."""
+CACHE_BYTES = 32 << 20
+"""Recent entries kept in memory (at most this many, and bytes), so followers that keep up
+are fed without reading the WAL."""
 
 ShardId = tuple[str, int]
 
@@ -175,7 +177,8 @@ class ShardLog:
         self.history = history
         self.token = -1
         """WAL token of the last record appended as a follower (the driver commits it)."""
-        self._recent: deque[Entry] = deque(maxlen=CACHE_ENTRIES)
+        self._recent: deque[Entry] = deque()
+        self._recent_bytes = 0
 
     def last(self) -> tuple[int, int]:
         seq = self.shard.applied_seq
@@ -211,9 +214,14 @@ class ShardLog:
         if entry.seq > self.shard.applied_seq:  # a follower: the leader's record
             self.history.note(entry.first, entry.epoch)
             self.token = self.shard.write_replicated(decode_record(entry.payload))
-        if self._recent and self._recent[-1].seq >= entry.seq:
-            self._recent.clear()
-        self._recent.append(entry)
+        recent = self._recent
+        if recent and recent[-1].seq >= entry.seq:
+            recent.clear()
+            self._recent_bytes = 0
+        recent.append(entry)
+        self._recent_bytes += len(entry.payload)
+        while len(recent) > CACHE_ENTRIES or (self._recent_bytes > CACHE_BYTES and recent):
+            self._recent_bytes -= len(recent.popleft().payload)
 
     def truncate(self, seq: int) -> None:
         if seq < self.shard.applied_seq:
