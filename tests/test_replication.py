@@ -683,3 +683,38 @@ def test_random_kills_and_restarts_under_writes_lose_nothing(cluster: Cluster, s
                 key = f"{w.prefix}k{i}"
                 got = local.get(("a",), key, consistency="eventual")
                 assert got is not None, f"the replica read through {name} lacks {key}"
+
+
+def test_a_joining_node_receives_replicas_until_the_load_is_even(cluster: Cluster) -> None:
+    """3 nodes hold 3 shards at RF 3 (3 replicas each); a 4th joins under writes. Replicas
+    move to it one at a time (add, catch up, drop the busiest follower) until no node holds
+    two more than another; every shard keeps 3 replicas, and nothing is lost."""
+    cluster.add_nodes("n1", "n2", "n3")
+    client = cluster.client("n1", "binary")
+    client.create_collection("bal", dim=4, shards=3, replication_factor=3)
+    for shard in range(3):
+        _placed(cluster, "bal", shard)
+    with Writer(client, "bal") as writer:
+        writer.wait_acked(100)
+        cluster.add_node("n4")
+
+        def balanced() -> bool:
+            held = dict.fromkeys(("n1", "n2", "n3", "n4"), 0)
+            for shard in range(3):
+                a = _assignment(cluster, "bal", shard)
+                if a is None or len(a.replicas) != 3 or set(a.in_sync) != set(a.replicas):
+                    return False
+                for node in a.replicas:
+                    held[node] += 1
+            return max(held.values()) - min(held.values()) <= 1
+
+        cluster.wait_for(balanced, 60.0, "replicas spread over 4 nodes")
+        writer.wait_acked(len(writer.acked) + 50)
+    _all_there(cluster, "n4", "bal", writer.acked)
+    held_n4 = (
+        [s for s in range(3) if "n4" in (_assignment(cluster, "bal", s) or first_a).replicas]
+        if (first_a := _assignment(cluster, "bal", 0))
+        else []
+    )
+    print(f"n4 holds replicas of shards {held_n4}")
+    assert held_n4

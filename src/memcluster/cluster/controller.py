@@ -26,6 +26,8 @@ import logging
 import time
 from collections.abc import Callable
 
+import msgspec
+
 from memcluster.cluster import wire
 from memcluster.cluster.coordinator import Compare, Coordinator, Put, campaign
 from memcluster.cluster.dataplane import Peers
@@ -215,6 +217,17 @@ async def reconcile(
                     gone,
                     held,
                 )
+        await _balance(
+            coord,
+            cluster,
+            assignments,
+            revisions,
+            collections,
+            coordination_replicas,
+            live,
+            draining,
+            held,
+        )
     if moves and peers is not None:
         jobs = {
             m.shard: _move(
@@ -272,7 +285,13 @@ async def _repair(
         leaving_dropped: list[str] = []  # keep it until its replacement is in sync
     else:
         leaving_dropped = leaving
-    dropped = [n for n in current.replicas if n in gone] + leaving_dropped
+    surplus: list[str] = []
+    if len(staying) > factor and len(ready) == len(staying) and not leaving:
+        # A balancing move's new replica is in sync: drop the busiest follower.
+        followers = [n for n in staying if n != current.leader]
+        surplus = sorted(followers, key=lambda n: (held.get(n, 0), n), reverse=True)
+        surplus = surplus[: len(staying) - factor]
+    dropped = [n for n in current.replicas if n in gone] + leaving_dropped + surplus
     if not dropped and not added:
         return
     replicas = [n for n in current.replicas if n not in dropped]
@@ -293,6 +312,53 @@ async def _repair(
             ", ".join(dropped) or "none",
             ", ".join(added) or "none",
         )
+
+
+async def _balance(
+    coord: Coordinator,
+    cluster: str,
+    assignments: dict[ShardId, ShardAssignment],
+    revisions: dict[ShardId, int],
+    collections: dict[str, CollectionConfig],
+    coordination_replicas: int,
+    live: dict[str, NodeInfo],
+    draining: set[str],
+    held: dict[str, int],
+) -> None:
+    """Rebalancing replicated shards (a node joined): when a follower's node holds at least
+    two replicas more than a node outside the shard, add a replica there (one per round).
+    :func:`_repair` drops the busiest follower once the new replica is in sync, so the shard
+    never has fewer copies in sync than its factor."""
+    eligible = [n for n in live if n not in draining]
+    for shard_id, a in sorted(assignments.items()):
+        config = collections.get(shard_id[0])
+        factor = coordination_replicas if config is None else config.replication_factor
+        if (
+            factor < 2
+            or len(a.replicas) != factor
+            or a.leader not in live
+            or set(a.in_sync) != set(a.replicas)
+        ):
+            continue
+        outside = [n for n in eligible if n not in a.replicas]
+        followers = [n for n in a.replicas if n != a.leader and n in held]
+        if not outside or not followers:
+            continue
+        target = min(outside, key=lambda n: (held[n], n))
+        source = max(followers, key=lambda n: (held[n], n))
+        if held[source] < held[target] + 2:
+            continue
+        entry = msgspec.structs.replace(a, replicas=(*a.replicas, target))
+        key = assignment_key(cluster, shard_id)
+        if await coord.txn([Compare(key, revisions[shard_id])], [Put(key, encode(entry))]):
+            held[target] += 1
+            log.info(
+                "%s/%04d: balancing: a replica on %s, to replace the one on %s",
+                *shard_id,
+                target,
+                source,
+            )
+        return
 
 
 async def _failover(
