@@ -1,10 +1,11 @@
 """Leader-follower replication of one shard, as a sans-IO state machine (DESIGN.md §6).
 
-This is the protocol core for issue 6 (not wired into the nodes yet). A :class:`Replica`
-takes events (a client write, a message, a tick, a new configuration from etcd) and returns
-actions (messages to send, replies to clients, configuration changes to propose to etcd). A
-thin driver does the I/O: asyncio and the binary protocol in production, the seeded simulator
-of ``tests/sim_replication.py`` in tests.
+A :class:`Replica` takes events (a client write, a message, a tick, a new configuration
+from etcd) and returns actions (messages to send, replies to clients, configuration changes
+to propose to etcd). A driver does the I/O: ``memcluster.cluster.replicas`` in production
+(asyncio, the binary protocol, the shard's WAL as the log), the seeded simulator of
+``tests/test_replication_sim.py`` in tests. ``docs/design/replication.md`` tells the whole
+story.
 
 The model (PacificA, Kafka's ISR):
 
@@ -15,8 +16,9 @@ The model (PacificA, Kafka's ISR):
   it to every follower. With ``ack="all"`` it answers the client once every replica of the
   in-sync set has it; with ``"majority"``, once a majority of the replicas has it (in-sync
   ones); with ``"leader"``, at once.
-* **A follower that does not acknowledge** within ``ack_timeout`` is removed from the in-sync
-  set by a proposal to etcd, and only once etcd accepted it are the writes it held up
+* **A follower that does not acknowledge** within ``ack_timeout`` (a write waits for it, or
+  it stops answering the heartbeats an idle leader sends) is removed from the in-sync set by
+  a proposal to etcd, and only once etcd accepted it are the writes it held up
   acknowledged: the in-sync set always holds every acknowledged write.
 * **Epochs fence.** Every message carries the sender's epoch; a replica ignores a lower one
   and adopts a higher one. A follower accepts entries only from the leader of its epoch, and
