@@ -39,7 +39,7 @@ named by its last one (a shard's WAL record of several operations is one entry).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Protocol
 
 import msgspec
@@ -169,6 +169,12 @@ class AppendAck(msgspec.Struct, frozen=True, kw_only=True):
     node: str
     ok: bool
     last_seq: int
+    committed: int = 0
+    """Chain replication: the highest seq the chain's tail has, as the sender knows it (sent
+    upstream, to the head, which acknowledges writes up to it)."""
+    log_end: int = -1
+    """The sender's last seq (it may hold entries past ``last_seq`` that the receiver does
+    not have: an old epoch's, not yet truncated). -1: not said."""
 
 
 class StatusRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -257,8 +263,13 @@ class Replica:
         fencing: bool = True,
         log: Log | Sequence[Entry] = (),
         epoch: int = 0,
+        chain: bool = False,
     ) -> None:
         self.node = node
+        self.chain = chain
+        """Chain replication: entries flow head to tail, acknowledged at the tail."""
+        self._tail_has = 0  # chain: the highest seq known to be at the tail
+        self._adding: str | None = None  # a replica proposed into the in-sync set
         self.ack = ack
         self.ack_timeout = ack_timeout
         self.in_sync_rule = in_sync_rule
@@ -276,6 +287,8 @@ class Replica:
         self._sent: dict[str, int] = {}  # follower -> highest seq sent to it
         self._waiting_since: dict[str, float] = {}  # follower -> since when it holds us up
         self._heard: dict[str, float] = {}  # follower -> when it last answered this epoch
+        self._ends: dict[str, int] = {}  # follower -> its log's last seq, as it last said
+        self._sender_last = 0  # the highest leader_last heard in this epoch
         self._proposed: int | None = None  # config version a proposal is based on
 
     # -- helpers ---------------------------------------------------------------------------
@@ -289,7 +302,44 @@ class Replica:
         return self.config.leader == self.node and self.config.epoch == self.epoch
 
     def _followers(self) -> list[str]:
-        return [n for n in self.config.replicas if n != self.node]
+        """Whom this replica sends entries: every other replica (leader-follower), or its
+        successor in the chain."""
+        if not self.chain:
+            return [n for n in self.config.replicas if n != self.node]
+        order = self.config.replicas
+        if self.config.epoch != self.epoch:
+            return []  # the chain of our epoch is not known yet
+        if self.node not in order or self.node not in self.config.in_sync:
+            # Only an in-sync member's log is a prefix of the head's: one catching up may
+            # still hold an old epoch's suffix, and must not pass it on.
+            return []
+        i = order.index(self.node)
+        return list(order[i + 1 : i + 2])
+
+    def _predecessor(self) -> str | None:
+        order = self.config.replicas
+        if self.node not in order or order.index(self.node) == 0:
+            return None
+        return order[order.index(self.node) - 1]
+
+    @property
+    def is_tail(self) -> bool:
+        """Chain: this replica is the last in-sync one (it answers strong reads; a write is
+        acknowledged once it has it)."""
+        members = [n for n in self.config.replicas if n in self.config.in_sync]
+        return (
+            self.chain
+            and bool(members)
+            and members[-1] == self.node
+            and self.epoch == self.config.epoch
+        )
+
+    def _chain_committed(self) -> int:
+        if not self.is_tail:
+            return self._tail_has
+        if self._adding is not None:  # the successor becomes the tail: what it has counts
+            return min(self.last[0], self._acked.get(self._adding, 0))
+        return self.last[0]
 
     def _has(self, node: str) -> int:
         return self.last[0] if node == self.node else self._acked.get(node, 0)
@@ -333,7 +383,11 @@ class Replica:
                     continue
                 self._sent[f] = -1
                 message = Append(
-                    epoch=self.epoch, leader=self.node, prev=last, entries=(), leader_last=last[0]
+                    epoch=self.epoch,
+                    leader=self._head(),
+                    prev=last,
+                    entries=(),
+                    leader_last=last[0],
                 )
                 out.append(Send(f, message))
                 continue
@@ -349,7 +403,7 @@ class Replica:
                     f,
                     Append(
                         epoch=self.epoch,
-                        leader=self.node,
+                        leader=self._head(),
                         prev=(start, self.log.epoch_at(start) or 0),
                         entries=batch,
                         leader_last=last[0],
@@ -359,14 +413,24 @@ class Replica:
             self._sent[f] = batch[-1].seq if batch else start
         return out
 
+    def _head(self) -> str:
+        """The leader an Append names: this replica, or (chain) the head it forwards for."""
+        if self.chain:
+            return self.config.leader or self.node
+        return self.node
+
     def _needed(self, ack: Ack | None = None) -> int:
         """The highest seq whose writes may be acknowledged now (under ``ack``, default the
         replica's)."""
+        if self.chain:
+            return min(self._chain_committed(), self.last[0])
         ack = ack or self.ack
         if ack is Ack.LEADER:
             return self.last[0]
         in_sync = [n for n in self.config.in_sync if n in self.config.replicas]
         if ack is Ack.ALL:
+            if self._adding is not None and self._adding not in in_sync:
+                in_sync.append(self._adding)  # (majority: any majority of the new set overlaps)
             if not self.in_sync_rule:
                 return self.last[0]  # the deliberately broken rule the simulator must catch
             return min((self._has(n) for n in in_sync), default=0)
@@ -410,6 +474,8 @@ class Replica:
         self._sent.clear()
         self._waiting_since.clear()
         self._heard.clear()
+        self._ends.clear()
+        self._sender_last = 0
 
     def _append(self, sender: str, m: Append) -> list[Action]:
         if (
@@ -422,6 +488,12 @@ class Replica:
             )
         ):
             return []  # not the leader of this epoch by our config
+        if (
+            self.chain
+            and self.fencing
+            and (self.config.epoch != m.epoch or sender != self._predecessor())
+        ):
+            return []  # entries come only from our predecessor in the chain of their epoch
         prev_seq, prev_epoch = m.prev
         mine = self.log.epoch_at(prev_seq)
         starts = not m.entries or m.entries[0].first == prev_seq + 1
@@ -434,23 +506,47 @@ class Replica:
         for entry in m.entries:
             have = self.log.epoch_at(entry.seq) if entry.seq <= self.last[0] else None
             if entry.seq <= self.last[0] and have != entry.epoch:
-                self.log.truncate(entry.first - 1)  # a divergent suffix of an old leader
+                self._truncate(entry.first - 1)  # a divergent suffix of an old leader
                 have = None
             if have is None:
                 self.log.append(entry)
         last = m.entries[-1].seq if m.entries else prev_seq
-        if last >= m.leader_last and self.last[0] > last:
+        # Within an epoch the sender's log only grows: a delayed message's smaller
+        # leader_last must not make us drop entries a newer message gave us.
+        self._sender_last = max(self._sender_last, m.leader_last)
+        if last >= self._sender_last and self.last[0] > last:
             after = self.log.after(last, 1)
             if after and after[0].epoch < m.epoch:
                 # An older leader's suffix that this epoch's leader does not have (its own
                 # entries, of this epoch, may already be here from a newer message: kept).
-                self.log.truncate(last)
-        return [Send(sender, AppendAck(epoch=self.epoch, node=self.node, ok=True, last_seq=last))]
+                self._truncate(last)
+        ack = AppendAck(
+            epoch=self.epoch,
+            node=self.node,
+            ok=True,
+            last_seq=last,
+            committed=self._chain_committed() if self.chain else 0,
+            log_end=self.last[0],
+        )
+        forward = self._replicate() if self.chain else []  # on down the chain
+        return [Send(sender, ack), *forward]
+
+    def _truncate(self, seq: int) -> None:
+        """Drop our entries after ``seq``; a successor that acknowledged any of them (chain)
+        may hold them too, so it is probed again and truncated in turn."""
+        self.log.truncate(seq)
+        for f, acked in list(self._acked.items()):
+            if acked > seq:
+                del self._acked[f]
+                self._sent.pop(f, None)
 
     def _ack(self, m: AppendAck) -> list[Action]:
+        if self.chain:
+            return self._chain_ack(m)
         if not self.is_leader:
             return []
         self._heard[m.node] = self.now
+        self._ends[m.node] = m.log_end
         if not m.ok:  # its log differs: resend from where it may match
             self._acked[m.node] = min(self._acked.get(m.node, m.last_seq), m.last_seq)
             self._sent[m.node] = 0
@@ -462,21 +558,61 @@ class Replica:
             self._waiting_since[m.node] = self.now
         return self._admit() + self._replicate() + self._answer()
 
+    def _chain_ack(self, m: AppendAck) -> list[Action]:
+        """Chain: an acknowledgement from the successor (the log it has, and how far the tail
+        is): feed it more, and pass a higher tail position upstream."""
+        if m.node not in self._followers() or m.epoch != self.epoch:
+            return []
+        if m.log_end >= 0:
+            self._ends[m.node] = m.log_end
+        if not m.ok:
+            self._acked[m.node] = min(self._acked.get(m.node, m.last_seq), m.last_seq)
+            self._sent[m.node] = 0
+            return self._replicate()
+        self._acked[m.node] = max(self._acked.get(m.node, 0), m.last_seq)
+        out: list[Action] = []
+        if m.node in self.config.in_sync and m.committed > self._tail_has:
+            self._tail_has = m.committed
+            before = self._predecessor()
+            if before is not None:
+                up = AppendAck(
+                    epoch=self.epoch,
+                    node=self.node,
+                    ok=True,
+                    last_seq=self.last[0],
+                    committed=self._chain_committed(),
+                )
+                out.append(Send(before, up))
+        if self.is_tail:
+            out += self._admit()  # the tail takes a caught-up successor into the chain
+        return out + self._replicate() + self._answer()
+
     def _admit(self) -> list[Action]:
         """Propose taking a caught-up follower (one at a time) back into the in-sync set."""
         if self._proposed is not None:
             return []
+        last = self.last[0]
         for f in self._followers():
-            if f not in self.config.in_sync and self._acked.get(f, -1) >= self.last[0]:
+            # Caught up, and holding nothing more (an old epoch's suffix not yet dropped).
+            caught_up = self._acked.get(f, -1) >= last and self._ends.get(f, -1) == last
+            if f not in self.config.in_sync and caught_up:
                 return [self._propose(in_sync=(*self.config.in_sync, f))]
         return []
 
     def _propose(self, *, in_sync: tuple[str, ...]) -> Propose:
         self._proposed = self.config.version
+        # A replica being taken in counts for acknowledgements from now on: etcd may name it
+        # in sync before we hear so, and a write acknowledged without it would then be
+        # missing from a member of the in-sync set.
+        added = [n for n in in_sync if n not in self.config.in_sync]
+        self._adding = added[0] if added else None
         new = msgspec.structs.replace(self.config, version=self.config.version + 1, in_sync=in_sync)
         return Propose(self.config.version, new)
 
     def _tick(self) -> list[Action]:
+        if self.chain:  # links are cut by the controller (node leases), not by timeouts
+            admit = self._admit() if self.is_tail else []
+            return admit + self._replicate(probe=True) + self._answer()
         if not self.is_leader:
             return []
         out: list[Action] = []
@@ -508,7 +644,11 @@ class Replica:
             if self.now - heard > self.ack_timeout / 2 and f not in self._waiting_since:
                 self._waiting_since[f] = heard
                 message = Append(
-                    epoch=self.epoch, leader=self.node, prev=last, entries=(), leader_last=last[0]
+                    epoch=self.epoch,
+                    leader=self._head(),
+                    prev=last,
+                    entries=(),
+                    leader_last=last[0],
                 )
                 out.append(Send(f, message))
         return out
@@ -518,8 +658,11 @@ class Replica:
             return []
         self.config = config
         self._proposed = None
+        self._adding = None
         if config.epoch > self.epoch:
             self._step_down(config.epoch)
+        if self.chain:
+            return self._replicate() + self._answer()
         if not self.is_leader:
             return []
         return self._replicate() + self._answer()
@@ -528,6 +671,8 @@ class Replica:
         """The highest seq that may be acknowledged now (0 unless leading), under ``ack``
         (default: the replica's; a write may ask for another). Reads at the leader wait for
         it to cover what they could see."""
+        if self.chain:
+            return self._needed() if self.is_leader or self.is_tail else 0
         return self._needed(ack) if self.is_leader else 0
 
     def follower_acks(self) -> dict[str, int]:
@@ -537,6 +682,33 @@ class Replica:
     def pending(self) -> dict[int, int]:
         """Client requests waiting for acknowledgement: request -> seq."""
         return dict(self._pending)
+
+
+def repair_chain(config: Config, statuses: Sequence[Status], dead: Collection[str]) -> Config:
+    """Chain replication's reconfiguration once members' leases expired (``dead``) or the
+    chain has no head: the dead members leave, the others keep their order, in-sync ones
+    first; the first in-sync one is the head (a chain's logs shrink from head to tail, so it
+    has every acknowledged write). Epoch + 1.
+
+    Every member that stays must have answered ``StatusRequest(config.epoch + 1)`` (so it
+    adopted the epoch and ignores the old chain's messages, and a tail cut out cannot go on
+    serving reads). Until they all have, only the epoch moves (members that adopted it must
+    not be left ahead of etcd), and the controller asks again."""
+    answered = {s.node for s in statuses}
+    staying = [n for n in config.replicas if n not in dead]
+    if any(n not in answered for n in staying):
+        return msgspec.structs.replace(config, version=config.version + 1, epoch=config.epoch + 1)
+    in_sync = tuple(n for n in staying if n in config.in_sync)
+    catching_up = tuple(n for n in staying if n not in in_sync)
+    head = in_sync[0] if in_sync else None
+    return msgspec.structs.replace(
+        config,
+        version=config.version + 1,
+        epoch=config.epoch + 1,
+        leader=head,
+        replicas=in_sync + catching_up if head else config.replicas,
+        in_sync=in_sync if head else config.in_sync,
+    )
 
 
 def failover(config: Config, statuses: Sequence[Status], ack: Ack = Ack.ALL) -> Config:
