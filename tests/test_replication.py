@@ -477,14 +477,27 @@ def test_a_replica_down_past_the_grace_period_is_rebuilt_on_another_node(
     ]
     assert not missing, f"the new replica lacks {len(missing)} writes, e.g. {missing[:5]}"
     cluster.restart(victim)
-    cluster.wait_for(
+    # Back, the victim drops its stale copy; balancing may then give it a fresh one.
+    settled = cluster.wait_for(
         lambda: (
-            not (cluster.nodes[victim].data / "shards" / "re").exists()
-            or not any((cluster.nodes[victim].data / "shards" / "re").iterdir())
+            (a := _assignment(cluster, "re")) is not None
+            and len(a.in_sync) == 3
+            and set(a.in_sync) == set(a.replicas)
+            and a
         ),
-        30.0,
-        "the stale copy dropped",
+        60.0,
+        "3 replicas in sync again",
     )
+    assert isinstance(settled, ShardAssignment)
+    if victim in settled.replicas:
+        at_victim = cluster.client(victim, "binary").collection("re")
+        lacking = [
+            i for i in range(400) if at_victim.get(("a",), f"k{i}", consistency="eventual") is None
+        ]
+        assert not lacking, f"{victim}'s fresh copy lacks {len(lacking)} writes"
+    else:
+        kept = cluster.nodes[victim].data / "shards" / "re"
+        assert not kept.exists() or not any(kept.iterdir()), "the stale copy was kept"
 
 
 def test_an_idle_follower_that_dies_leaves_the_in_sync_set_without_a_write(
@@ -718,3 +731,48 @@ def test_a_joining_node_receives_replicas_until_the_load_is_even(cluster: Cluste
             on_n4.append(shard)
     print(f"n4 holds replicas of shards {on_n4}")
     assert on_n4
+
+
+@pytest.mark.parametrize("victim", ["head", "middle", "tail"])
+def test_chain_replication_survives_kill_9_of_any_member(cluster: Cluster, victim: str) -> None:
+    """replication="chain", RF 3: writes enter at the head and are acknowledged by the tail,
+    strong reads go to the tail. kill -9 the head, a middle member or the tail under writes:
+    the chain is repaired without it (a new epoch), writes resume, no acknowledged write is
+    lost, and the member, restarted, rejoins at the end."""
+    cluster.add_nodes("n1", "n2", "n3")
+    client = cluster.client("n1", "binary")
+    with pytest.raises(memcluster.InvalidArgument, match="chain"):
+        client.create_collection(
+            "bad", dim=4, replication_factor=3, replication="chain", ack="leader"
+        )
+    client.create_collection("ch", dim=4, replication_factor=3, replication="chain")
+    first = _placed(cluster, "ch")
+    order = list(first.replicas)
+    assert first.leader == order[0]
+    target = {"head": order[0], "middle": order[1], "tail": order[2]}[victim]
+    entry = next(n for n in order if n != target)
+    with Writer(cluster.client(entry, "binary"), "ch") as writer:
+        writer.wait_acked(100)
+        killed_at = time.monotonic()
+        cluster.kill(target)
+        writer.wait_acked(len(writer.acked) + 100, timeout_s=60.0)
+    paused = _longest_pause(writer.ack_times, killed_at)
+    after = _assignment(cluster, "ch")
+    assert after is not None
+    print(
+        f"chain, {victim} ({target}) killed: writes paused {paused:.2f} s; chain {after.replicas}"
+    )
+    assert target not in after.in_sync
+    assert after.epoch > first.epoch
+    assert paused < 10.0
+    started = time.monotonic()
+    _all_there(cluster, entry, "ch", writer.acked)  # strong reads, at the tail
+    print(f"{len(writer.acked)} strong reads in {time.monotonic() - started:.2f} s")
+    cluster.restart(target)
+    cluster.wait_for(
+        lambda: target in (_assignment(cluster, "ch") or after).in_sync, 60.0, "rejoined"
+    )
+    again = _assignment(cluster, "ch")
+    assert again is not None
+    assert again.replicas[-1] == target  # it joined at the end: the new tail
+    _all_there(cluster, target, "ch", writer.acked)

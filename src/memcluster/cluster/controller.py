@@ -51,8 +51,8 @@ from memcluster.cluster.placement import Assign, Move, ShardId, plan
 from memcluster.cluster.resharding import reshard
 from memcluster.cluster.shardmap import ShardMap, Snapshot
 from memcluster.core.errors import MemclusterError, is_retryable
-from memcluster.core.types import CollectionConfig
-from memcluster.replication.leader import Ack, Status, StatusRequest, failover
+from memcluster.core.types import CollectionConfig, Replication
+from memcluster.replication.leader import Ack, Status, StatusRequest, failover, repair_chain
 from memcluster.replication.leader import Config as ReplicaConfig
 
 log = logging.getLogger("memcluster.controller")
@@ -169,7 +169,12 @@ async def reconcile(
         lost = [
             (shard_id, a)
             for shard_id, a in assignments.items()
-            if len(a.replicas) > 1 and (a.leader is None or a.leader not in live)
+            if len(a.replicas) > 1
+            and (
+                a.leader is None
+                or a.leader not in live
+                or (_is_chain(collections, shard_id) and any(n not in live for n in a.replicas))
+            )
         ]
         await asyncio.gather(
             *(
@@ -361,6 +366,11 @@ async def _balance(
         return
 
 
+def _is_chain(collections: dict[str, CollectionConfig], shard_id: ShardId) -> bool:
+    config = collections.get(shard_id[0])
+    return config is not None and config.replication is Replication.CHAIN
+
+
 async def _failover(
     coord: Coordinator,
     cluster: str,
@@ -402,17 +412,19 @@ async def _failover(
         statuses.append(got)
 
     await asyncio.gather(*(ask(n) for n in current.replicas if n not in exclude))
-    chosen = failover(
-        ReplicaConfig(
-            version=revision,
-            epoch=current.epoch,
-            leader=current.leader,
-            replicas=current.replicas,
-            in_sync=current.in_sync,
-        ),
-        statuses,
-        Ack.ALL if config is None else Ack(config.ack.value),
+    before = ReplicaConfig(
+        version=revision,
+        epoch=current.epoch,
+        leader=current.leader,
+        replicas=current.replicas,
+        in_sync=current.in_sync,
     )
+    if _is_chain(collections, shard_id):
+        # A chain cuts out every member whose node is down (or that is drained), at once.
+        dead = {n for n in current.replicas if n not in live} | set(exclude)
+        chosen = repair_chain(before, statuses, dead)
+    else:
+        chosen = failover(before, statuses, Ack.ALL if config is None else Ack(config.ack.value))
     if exclude and chosen.leader is None:
         log.info("%s/%04d: no other replica can lead yet; the leader stays", *shard_id)
         return

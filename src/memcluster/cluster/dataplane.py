@@ -52,7 +52,7 @@ from memcluster.core.errors import (
     Unreachable,
     WrongNode,
 )
-from memcluster.core.types import CollectionConfig, Memory, Sharding
+from memcluster.core.types import CollectionConfig, Memory, Replication, Sharding
 from memcluster.index.filters import compile_filter
 from memcluster.replication.leader import Ack
 from memcluster.shard.coord import CoordShard
@@ -276,6 +276,7 @@ class DataPlane:
                     self._on_repl(lambda b: self._driver(b).on_status(b)),
                 ),
                 "repl.history": (wire.ShardRef, self._on_repl(self._history)),
+                "repl.ack": (wire.ReplAck, self._on_repl(lambda b: self._driver(b).on_ack(b))),
                 "repl.info": (
                     wire.Empty,
                     self._on_repl(
@@ -309,7 +310,9 @@ class DataPlane:
 
         return run
 
-    def _driver(self, b: wire.ReplAppend | wire.ReplStatus | wire.ShardRef) -> ReplicaDriver:
+    def _driver(
+        self, b: wire.ReplAppend | wire.ReplAck | wire.ReplStatus | wire.ShardRef
+    ) -> ReplicaDriver:
         driver = self.replicas.get((b.collection, b.shard))
         if driver is None:
             raise WrongNode(
@@ -782,6 +785,7 @@ class DataPlane:
                 revision=revision,
                 ack=Ack.ALL if coll is None else Ack(coll.ack.value),
                 on_role=on_role,
+                chain=coll is not None and coll.replication is Replication.CHAIN,
                 cluster=self.map.cluster,
                 coord=self.coord,
                 peer_url=self._peer_url,

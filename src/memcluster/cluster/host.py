@@ -115,6 +115,10 @@ class Replication(Protocol):
         then never see a write that a failover could still lose)."""
         ...
 
+    def serves_strong(self) -> bool:
+        """Whether this replica answers strong reads (the leader; a chain's tail)."""
+        ...
+
 
 class Hosted:
     """One shard this node holds."""
@@ -261,9 +265,14 @@ class ShardHost:
             ) from None
 
     def reader(self, shard_id: ShardId) -> Shard:
-        """A shard held here for reading (ACTIVE or FROZEN), else WrongNode. A replicated
-        shard's leader first waits until what it holds is acknowledged."""
-        h = self._get(shard_id, State.ACTIVE, State.FROZEN)
+        """A shard held here for reading (ACTIVE or FROZEN, or a chain's tail), else
+        WrongNode. A replicated shard's leader first waits until what it holds is
+        acknowledged."""
+        h = self._get(shard_id, State.ACTIVE, State.FROZEN, State.FOLLOWER)
+        if h.state is State.FOLLOWER and (
+            h.replication is None or not h.replication.serves_strong()
+        ):
+            raise WrongNode(f"shard {shard_name(shard_id)} is a follower on this node: route again")
         if h.replication is not None:
             h.replication.barrier()
         assert isinstance(h.shard, Shard), shard_id

@@ -260,6 +260,7 @@ class ReplicaDriver:
         loop: asyncio.AbstractEventLoop,
         lease_valid: Callable[[], bool] = lambda: True,
         on_role: Callable[[bool], None] = lambda leading: None,
+        chain: bool = False,
         ack_timeout_s: float = ACK_TIMEOUT_S,
         write_timeout_s: float = WRITE_TIMEOUT_S,
     ) -> None:
@@ -288,6 +289,7 @@ class ReplicaDriver:
             ack_timeout=ack_timeout_s,
             log=self.log,
             epoch=self.history.adopted,
+            chain=chain,
         )
         self.resyncing = False
         self._closed = False
@@ -314,9 +316,16 @@ class ReplicaDriver:
 
     def wait(self, seq: int, ack: Ack | None = None) -> None:
         deadline = time.monotonic() + self.write_timeout_s
+        if self._closed:
+            raise WrongNode(
+                f"shard {self.name}: this node stopped replicating it (it is shutting down,"
+                " or its copy is being replaced); the write may or may not have been applied:"
+                " route again"
+            )
         with self._changed:
             while self.replica.committed(ack) < seq:
-                if not self.replica.is_leader or self._closed:
+                r = self.replica
+                if not (r.is_leader or (r.chain and r.is_tail)) or self._closed:
                     raise WrongNode(
                         f"shard {self.name}: this node stopped leading it (now epoch"
                         f" {self.replica.epoch}) before the write was acknowledged; it may or"
@@ -359,6 +368,8 @@ class ReplicaDriver:
         for action in actions:
             if isinstance(action, Send) and isinstance(action.message, Append):
                 self._spawn(self._send(action.to, action.message))
+            elif isinstance(action, Send) and isinstance(action.message, AppendAck):
+                self._spawn(self._send_ack(action.to, action.message))  # chain: upstream
             elif isinstance(action, Propose):
                 self._spawn(self._propose(action))
 
@@ -394,6 +405,31 @@ class ReplicaDriver:
         with self._lock:
             actions = self.replica.handle(Receive(to, reply))
         self._act(actions)
+
+    async def _send_ack(self, to: str, message: AppendAck) -> None:
+        """Chain: tell the predecessor how far the tail is (it passes it on to the head)."""
+        url = self._peer_url(to)
+        if url is None:
+            return
+        body = wire.ReplAck(
+            collection=self.shard_id[0], shard=self.shard_id[1], sender=self.node_id, ack=message
+        )
+        try:
+            await self._request(url, "repl.ack", body, wire.Done, timeout_s=5.0)
+        except MemclusterError as exc:
+            log.debug("shard %s: chain ack to %s failed: %s", self.name, to, exc)
+
+    def on_ack(self, b: wire.ReplAck) -> wire.Done:
+        """Chain: the successor's news of the tail's position."""
+        with self._lock:
+            actions = self.replica.handle(Receive(b.sender, b.ack))
+        self._act(actions)
+        return wire.Done()
+
+    def serves_strong(self) -> bool:
+        """Whether strong reads are served here: the leader, or a chain's tail."""
+        with self._lock:
+            return self.replica.is_tail if self.replica.chain else self.replica.is_leader
 
     async def _send_resync(self, to: str, url: str) -> None:
         """Our WAL no longer holds what ``to`` lacks: it copies the shard from us."""
@@ -468,10 +504,17 @@ class ReplicaDriver:
             last = self.replica.last[0]
         if token >= 0:
             self.shard.commit(token)  # durable before acknowledged
-        self._act(actions)
-        for action in actions:
-            if isinstance(action, Send) and isinstance(action.message, AppendAck):
-                return action.message
+        reply = next(
+            (
+                a.message
+                for a in actions
+                if isinstance(a, Send) and isinstance(a.message, AppendAck) and a.to == b.sender
+            ),
+            None,
+        )
+        self._act([a for a in actions if not (isinstance(a, Send) and a.message is reply)])
+        if reply is not None:
+            return reply
         # Fenced (an older epoch's leader): our epoch tells it to step down.
         return AppendAck(epoch=epoch, node=self.node_id, ok=False, last_seq=last)
 
@@ -501,12 +544,14 @@ class ReplicaDriver:
             )
 
     def close(self) -> None:
-        """Stop driving (the shard leaves the node, or the node stops)."""
+        """Stop driving (the shard leaves the node, or the node stops). The shard stops
+        taking writes first, and the driver stays attached, so a write already past the
+        gate fails in :meth:`wait` (WrongNode) instead of being acknowledged unreplicated;
+        a new driver replaces it."""
+        self.hosted.state = State.FOLLOWER  # refuse writes from here on
         self._closed = True
         self._ticker.cancel()
-        self.shard.on_written = None
-        self.shard.visible_upto = None
-        self.hosted.replication = None
+        self.shard.visible_upto = lambda: 0  # nothing new for the change feed here
         for task in list(self._tasks):
             self.loop.call_soon_threadsafe(task.cancel)
         with self._changed:

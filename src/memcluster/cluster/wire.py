@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from memcluster.core.types import CollectionConfig, Event, Hit, Memory
-from memcluster.replication.leader import Append, StatusRequest
+from memcluster.replication.leader import Append, AppendAck, StatusRequest
 
 Key = tuple[tuple[str, ...], str]
 
@@ -283,6 +283,15 @@ class ReplAppend(msgspec.Struct, kw_only=True):
     shard: int
     sender: str
     append: Append
+
+
+class ReplAck(msgspec.Struct, kw_only=True):
+    """Chain replication, to the predecessor: how far the tail is (reply: ``Done``)."""
+
+    collection: str
+    shard: int
+    sender: str
+    ack: AppendAck
 
 
 class ReplStatus(msgspec.Struct, kw_only=True):

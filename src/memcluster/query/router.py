@@ -46,7 +46,13 @@ import numpy.typing as npt
 from memcluster.cluster import wire
 from memcluster.cluster.coordinator import Compare, Coordinator, Delete, Op, Put
 from memcluster.cluster.dataplane import DataPlane, Peers, follow_local
-from memcluster.cluster.keys import COORDINATION, collection_key, encode, shards_prefix
+from memcluster.cluster.keys import (
+    COORDINATION,
+    ShardAssignment,
+    collection_key,
+    encode,
+    shards_prefix,
+)
 from memcluster.cluster.shardmap import ShardMap, Snapshot
 from memcluster.core import api, session, validation
 from memcluster.core.api import OPERATIONS, Consistency
@@ -73,6 +79,7 @@ from memcluster.core.types import (
     Memory,
     Message,
     Page,
+    Replication,
     SearchResult,
     Written,
 )
@@ -92,6 +99,21 @@ R = TypeVar("R")
 
 ROUTE_DEADLINE_S = 15.0
 """How long a request keeps re-routing around moves and restarts before it fails."""
+
+
+_READS = frozenset({"shard.get", "shard.search", "shard.count", "shard.list", "shard.stats"})
+"""Operations a chain's tail answers (writes go to its head)."""
+
+
+def _strong_reader(
+    snap: Snapshot, collection: str, assignment: ShardAssignment | None
+) -> str | None:
+    """Where a strong read goes when it is not the leader: a chain collection's tail."""
+    config = snap.collections.get(collection)
+    if assignment is None or config is None or config.replication is not Replication.CHAIN:
+        return None
+    members = [r for r in assignment.replicas if r in assignment.in_sync]
+    return members[-1] if members else None
 
 
 class ClusterStore:
@@ -171,6 +193,8 @@ class ClusterStore:
                 owner = snap.owner(collection, n)
                 assignment = snap.shards.get((collection, n))
                 replicated = assignment is not None and len(assignment.replicas) > 1
+                if replicated and not any_replica and kind in _READS:
+                    owner = _strong_reader(snap, collection, assignment) or owner
                 if any_replica and assignment is not None:
                     up = [r for r in assignment.replicas if r in snap.nodes]
                     if up:

@@ -57,7 +57,7 @@ import numpy.typing as npt
 from memcluster.core import validation
 from memcluster.core.errors import InvalidArgument, InvalidMetadata
 from memcluster.core.hashing import namespace_hash, shard_of
-from memcluster.core.types import CollectionConfig, Metric, Replication, Sharding
+from memcluster.core.types import Ack, CollectionConfig, Metric, Replication, Sharding
 
 MAX_REPLICATION_FACTOR = 7
 
@@ -109,10 +109,15 @@ def check_config(config: CollectionConfig) -> CollectionConfig:
             f"replication_factor is {config.replication_factor}; give 1 (no copies) to"
             f" {MAX_REPLICATION_FACTOR}, at most the number of nodes"
         )
-    if config.replication is not Replication.LEADER:
+    if config.replication is Replication.MULTI:
         raise _fail(
-            f"replication={config.replication.value!r} is not available yet; use"
-            " replication='leader' (leader-follower, with ack='all', 'majority' or 'leader')"
+            "replication='multi' is not available yet; use replication='leader'"
+            " (leader-follower, with ack='all', 'majority' or 'leader') or 'chain'"
+        )
+    if config.replication is Replication.CHAIN and config.ack is not Ack.ALL:
+        raise _fail(
+            f"replication='chain' acknowledges a write once the tail has it (ack='all');"
+            f" ack={config.ack.value!r} is for replication='leader'"
         )
     strategy = config.sharding
     extra = {
