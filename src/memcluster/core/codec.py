@@ -14,6 +14,17 @@ fields at the end with defaults, never reorder):
     FenceOp  = ["f", lock, token]        writes under lock ``lock`` now need a token >= ``token``
     VersionOp = ["v", offset]            from here on a put's version is its seq + ``offset``
 
+A ``multi`` (multi-leader) collection's shards stamp every write for last-writer-wins
+(:mod:`memcluster.shard.lww`): a record's first operation names the replica it was first
+written on and its number there (1, 2, ... per origin), and its puts and deletes carry their
+hybrid-logical-clock stamp. A state transfer between replicas ends with the version vector
+(origin -> oseq) of the writes it holds. Each of these operations takes a seq like any other::
+
+    OriginOp        = ["o", origin, oseq]
+    StampedPutOp    = ["sp", ...the fields of PutOp..., hlc, origin]
+    StampedDeleteOp = ["sd", namespace, key, reason, hlc, origin]
+    MergeOp         = ["mv", vv]
+
 The coordination shard (leases, locks, semaphores, counters) writes its own operations into
 records of the same format; its state machine is :mod:`memcluster.shard.coord`::
 
@@ -80,6 +91,39 @@ class DeleteOp(msgspec.Struct, frozen=True, array_like=True, tag="d"):
     namespace: tuple[str, ...]
     key: str
     reason: DeleteReason = DeleteReason.USER
+
+
+class StampedPutOp(PutOp, frozen=True, array_like=True, tag="sp"):
+    """A put to a ``multi`` collection, stamped for last-writer-wins: it replaces the memory
+    only if its stamp ``(hlc, origin)`` is above the one the key holds (live or deleted)."""
+
+    hlc: int
+    origin: str
+
+
+class StampedDeleteOp(DeleteOp, frozen=True, array_like=True, tag="sd"):
+    """A delete in a ``multi`` collection: it removes the memory unless the key holds a
+    higher stamp, and leaves a tombstone with its own stamp. At an equal stamp the delete
+    wins, so an expiry or eviction (stamped with the stamp of the put it removes) removes
+    exactly that put and never a newer one."""
+
+    hlc: int = 0
+    origin: str = ""
+
+
+class OriginOp(msgspec.Struct, frozen=True, array_like=True, tag="o"):
+    """The first operation of a record of a ``multi`` collection: the replica that first
+    wrote the record and the record's number among that replica's records (1, 2, ...)."""
+
+    origin: str
+    oseq: int
+
+
+class MergeOp(msgspec.Struct, frozen=True, array_like=True, tag="mv"):
+    """The last operation of a state transfer between ``multi`` replicas: the transferred
+    state holds every write of version vector ``vv`` (origin -> oseq)."""
+
+    vv: dict[str, int]
 
 
 class FenceOp(msgspec.Struct, frozen=True, array_like=True, tag="f"):
@@ -174,7 +218,18 @@ CoordOp = (
     | CounterOp
     | PublishOp
 )
-Op = PutOp | LeasedPutOp | DeleteOp | FenceOp | VersionOp | CoordOp
+Op = (
+    PutOp
+    | LeasedPutOp
+    | StampedPutOp
+    | DeleteOp
+    | StampedDeleteOp
+    | OriginOp
+    | MergeOp
+    | FenceOp
+    | VersionOp
+    | CoordOp
+)
 
 
 class Record(msgspec.Struct, frozen=True, array_like=True):
@@ -185,6 +240,24 @@ class Record(msgspec.Struct, frozen=True, array_like=True):
     ops: list[Op]
     idem: str | None = None
     """The idempotency key of the batch, if the caller gave one."""
+
+    @property
+    def origin(self) -> str | None:
+        """``multi`` collections: the replica that first wrote this record (its OriginOp)."""
+        first = self.ops[0] if self.ops else None
+        return first.origin if isinstance(first, OriginOp) else None
+
+    @property
+    def oseq(self) -> int:
+        """``multi`` collections: this record's number among its origin's (0: none)."""
+        first = self.ops[0] if self.ops else None
+        return first.oseq if isinstance(first, OriginOp) else 0
+
+    @property
+    def vv(self) -> dict[str, int] | None:
+        """``multi`` collections, the end of a state transfer: what it holds (its MergeOp)."""
+        last = self.ops[-1] if self.ops else None
+        return last.vv if isinstance(last, MergeOp) else None
 
     @property
     def last_seq(self) -> int:

@@ -60,6 +60,8 @@ from memcluster.core.codec import (
     LeaseRenewOp,
     LockGrantOp,
     LockReleaseOp,
+    MergeOp,
+    OriginOp,
     PermitGrantOp,
     PermitReleaseOp,
     PublishOp,
@@ -113,7 +115,7 @@ class CoordState(msgspec.Struct):
                 f" {self.applied_seq}: the log has a gap"
             )
         for i, op in enumerate(record.ops):
-            if isinstance(op, PutOp | DeleteOp | FenceOp | VersionOp):
+            if isinstance(op, PutOp | DeleteOp | FenceOp | VersionOp | OriginOp | MergeOp):
                 raise CorruptionError(
                     f"coordination: record for seq {record.seq + i} holds a memory operation"
                 )

@@ -52,9 +52,13 @@ from memcluster.core.codec import (
     DeleteReason,
     FenceOp,
     LeasedPutOp,
+    MergeOp,
     Op,
+    OriginOp,
     PutOp,
     Record,
+    StampedDeleteOp,
+    StampedPutOp,
     VersionOp,
 )
 from memcluster.core.config import Config
@@ -62,16 +66,25 @@ from memcluster.core.errors import (
     CapacityExceeded,
     CorruptionError,
     CursorExpired,
+    InvalidArgument,
     InvalidState,
     MemclusterError,
     StaleToken,
     StorageError,
     VersionConflict,
 )
-from memcluster.core.types import CollectionConfig, Durability, Eviction, Hit, Memory
+from memcluster.core.types import (
+    CollectionConfig,
+    Durability,
+    Eviction,
+    Hit,
+    Memory,
+    Replication,
+)
 from memcluster.index.filters import Filter
 from memcluster.index.metadata import MetadataColumns
 from memcluster.index.vector import HnswIndex, VectorIndex, exact_topk, topk
+from memcluster.shard.lww import Lww, LwwState
 from memcluster.storage.snapshot import SnapshotStore
 from memcluster.storage.wal import Wal
 
@@ -127,6 +140,8 @@ class ShardState(msgspec.Struct, array_like=True):
     """(lock, highest fencing token written under it): see ``FenceOp``."""
     version_offset: int = 0
     """How far versions run ahead of seqs: see ``VersionOp``."""
+    lww: LwwState | None = None
+    """``multi`` collections: stamps, tombstones, version vector, clock."""
 
 
 def _grow(array: npt.NDArray[Any], capacity: int, fill: Any) -> npt.NDArray[Any]:
@@ -195,6 +210,10 @@ class Shard:
         self._wal_bytes_at_snapshot = wal.bytes_total()
         self._last_batch_sync = clock.monotonic()
         self._last_write_mono = clock.monotonic()
+        self.last_written = Record(0, 0.0, [])
+        self.lww: Lww | None = Lww() if coll.replication is Replication.MULTI else None
+        """``multi`` collections: last-writer-wins state (:mod:`memcluster.shard.lww`); its
+        ``me`` names this replica (a cluster sets it to the node id before any write)."""
         self._init_arrays(0)
 
     # -- layout ----------------------------------------------------------------------------
@@ -296,17 +315,43 @@ class Shard:
                 f" {self.applied_seq}: the log has a gap"
             )
         versions: list[int] = []
+        changed: list[Change] = []
+        lww = self.lww
         for i, op in enumerate(record.ops):
-            if isinstance(op, PutOp):
+            if isinstance(op, StampedPutOp | StampedDeleteOp) and lww is not None:
+                key = (op.namespace, op.key)
+                stamp = (op.hlc, op.origin, int(isinstance(op, StampedDeleteOp)))
+                lww.observe(op.hlc)
+                if not lww.wins(key, stamp):
+                    continue  # a newer write of this key is here already
+                lww.stamps[key] = stamp
+                if isinstance(op, StampedPutOp):
+                    self._apply_put(op, op.hlc)
+                    versions.append(op.hlc)
+                elif key in self._keys:
+                    self._apply_delete(op)
+                else:
+                    continue  # a tombstone for a memory this replica never had
+                changed.append((record.seq + i, record.ts, op))
+            elif isinstance(op, StampedPutOp | StampedDeleteOp):
+                raise CorruptionError(
+                    f"{self.name}: record for seq {record.seq + i} holds a multi-leader write,"
+                    " which only replication='multi' collections take"
+                )
+            elif isinstance(op, PutOp):
                 version = record.seq + i + self._version_offset
                 self._apply_put(op, version)
                 versions.append(version)
+                changed.append((record.seq + i, record.ts, op))
             elif isinstance(op, DeleteOp):
                 self._apply_delete(op)
+                changed.append((record.seq + i, record.ts, op))
             elif isinstance(op, FenceOp):
                 self._fences[op.lock] = max(self._fences.get(op.lock, 0), op.token)
             elif isinstance(op, VersionOp):
                 self._version_offset = max(self._version_offset, op.offset)
+            elif isinstance(op, OriginOp | MergeOp):
+                pass  # bookkeeping of multi-leader records: below
             else:
                 raise CorruptionError(
                     f"{self.name}: record for seq {record.seq + i} holds a coordination"
@@ -314,12 +359,12 @@ class Shard:
                 )
         if record.idem is not None:
             self._remember_idem(record.idem, versions)
+        if lww is not None and record.origin is not None:
+            lww.logged(record, record.seq)
+        if lww is not None and record.vv is not None:
+            lww.merged(record.vv)
         self.applied_seq = record.last_seq
-        self._feed.extend(
-            (record.seq + i, record.ts, op)
-            for i, op in enumerate(record.ops)
-            if isinstance(op, PutOp | DeleteOp)
-        )
+        self._feed.extend(changed)
         if len(self._feed) > 2 * self.config.feed_buffer_events:
             del self._feed[: len(self._feed) - self.config.feed_buffer_events]
         for listener in self._feed_listeners:
@@ -406,9 +451,100 @@ class Shard:
             self._check_writable(gate=False)
             for record in records:
                 if record.last_seq > self.applied_seq:
-                    token = self._write(record)
+                    token = self._write(record, replicated=True)
         if token >= 0:
             self._wal.sync(token)
+
+    # -- multi-leader exchange (replication="multi") ------------------------------------------
+
+    def _multi(self) -> Lww:
+        if self.lww is None:
+            raise InvalidState(f"{self.name}: not a replica of a replication='multi' collection")
+        return self.lww
+
+    def version_vector(self) -> dict[str, int]:
+        """Which writes this replica holds: origin -> the highest ``oseq`` applied."""
+        with self.lock:
+            return dict(self._multi().vv)
+
+    def missing(self, other: Mapping[str, int], limit: int) -> list[Record] | None:
+        """Up to ``limit`` records held here that a replica at version vector ``other``
+        lacks, in an order it can apply (each origin's in ``oseq`` order, without gaps);
+        None when some are gone from the WAL here (send :meth:`state_page` instead).
+        Only durable records leave: a replica never ships a write it could still lose in a
+        crash, which would let it reuse that ``oseq`` for another write."""
+        with self.lock:
+            start = self._multi().start_for(dict(other))
+            end = self.applied_seq
+        if start is None:
+            return None
+        if start == 0:
+            return []
+        self._wal.sync_all()
+        want = dict(other)
+        out: list[Record] = []
+        with self._wal_read_lock:
+            if start < self._wal.first_seq():
+                return None
+            for record in self._wal.records(start - 1):
+                if record.last_seq > end or len(out) >= limit:
+                    break
+                if record.origin is not None and record.oseq == want.get(record.origin, 0) + 1:
+                    want[record.origin] = record.oseq
+                    out.append(record)
+        return out
+
+    def apply_remote(self, records: Sequence[Record]) -> None:
+        """Log and apply records from another replica (:meth:`missing` or
+        :meth:`state_page`), then make them durable. A record its origin's ``oseq`` says
+        was applied already is skipped, and so is one that would leave a gap."""
+        token = -1
+        with self.lock:
+            self._check_writable(gate=False)
+            lww = self._multi()
+            for record in records:
+                if record.origin is not None and not lww.accepts(record):
+                    continue
+                local = msgspec.structs.replace(record, seq=self.applied_seq + 1)
+                token = self._write(local, replicated=True)
+        if token >= 0:
+            self._wal.sync(token)
+
+    def state_page(
+        self, after: Key | None, limit: int
+    ) -> tuple[list[Op], Key | None, dict[str, int]]:
+        """One page of this replica's whole state for a replica too far behind for
+        :meth:`missing`: every key after ``after`` (in key order, up to ``limit``) as the
+        stamped put or tombstone it holds; the last key given (None: that was the last
+        page); and the version vector now (a receiver keeps the one of its first page)."""
+        with self.lock:
+            lww = self._multi()
+            keys = sorted(lww.stamps)
+            start = 0 if after is None else bisect.bisect_right(keys, after)
+            page = keys[start : start + limit]
+            ops: list[Op] = []
+            for key in page:
+                hlc, origin, deleted = lww.stamps[key]
+                slot = self._keys.get(key)
+                if deleted or slot is None:
+                    ops.append(StampedDeleteOp(*key, DeleteReason.USER, hlc, origin))
+                    continue
+                ops.append(
+                    StampedPutOp(
+                        key[0],
+                        key[1],
+                        self._slot_text[slot],
+                        self._vectors[slot].astype("<f4").tobytes(),
+                        self._slot_meta[slot] or b"{}",
+                        float(self._created[slot]),
+                        float(self._updated[slot]),
+                        None if self._expires[slot] == INF else float(self._expires[slot]),
+                        hlc,
+                        origin,
+                    )
+                )
+            last = page[-1] if page and start + limit < len(keys) else None
+            return ops, last, dict(lww.vv)
 
     # -- resharding (a cluster splitting a range shard, or placing by new centroids) -------
 
@@ -609,7 +745,12 @@ class Shard:
             return self._wal.first_seq()
 
     def _write(self, record: Record, *, replicated: bool = False) -> int:
-        """Log and apply one record; returns the WAL token. Caller holds the lock."""
+        """Log and apply one record; returns the WAL token. Caller holds the lock. In a
+        ``multi`` collection a record this replica writes first is stamped here (see
+        :meth:`_stamped`); ``last_written`` is the record as written."""
+        if self.lww is not None and not replicated:
+            record = self._stamped(record, self.lww)
+        self.last_written = record
         self._last_write_mono = self._clock.monotonic()
         try:
             token = self._wal.append(record)
@@ -625,6 +766,48 @@ class Shard:
         if self.on_written is not None and not replicated:
             self.on_written(record)
         return token
+
+    def _stamped(self, record: Record, lww: Lww) -> Record:
+        """``record`` as a ``multi`` replica writes it: its origin and oseq, and every put and
+        delete stamped. Puts and user deletes take a new HLC stamp; an expiry or eviction
+        takes the stamp of the put it removes, so it never removes a newer write of that key
+        from another replica."""
+        hlc = lww.tick(record.ts)
+        ops: list[Op] = []
+        for op in record.ops:
+            if isinstance(op, LeasedPutOp | FenceOp | VersionOp | OriginOp | MergeOp):
+                raise InvalidArgument(
+                    f"{self.name}: a replication='multi' collection takes no leases, fencing"
+                    " tokens or moves; use replication='leader' for them"
+                )
+            if isinstance(op, PutOp):
+                ops.append(
+                    StampedPutOp(
+                        op.namespace,
+                        op.key,
+                        op.text,
+                        op.vector,
+                        op.metadata,
+                        op.created_at,
+                        op.updated_at,
+                        op.expires_at,
+                        hlc,
+                        lww.me,
+                    )
+                )
+            elif isinstance(op, DeleteOp) and op.reason in (
+                DeleteReason.EXPIRED,
+                DeleteReason.EVICTED,
+            ):
+                stamp = lww.stamp_of((op.namespace, op.key))
+                assert stamp is not None, "a live memory has its put's stamp"
+                assert not stamp[2], "a live memory has no tombstone"
+                ops.append(StampedDeleteOp(op.namespace, op.key, op.reason, stamp[0], stamp[1]))
+            elif isinstance(op, DeleteOp):
+                ops.append(StampedDeleteOp(op.namespace, op.key, op.reason, hlc, lww.me))
+            else:
+                ops.append(op)
+        return msgspec.structs.replace(record, ops=[OriginOp(lww.me, lww.next_oseq()), *ops])
 
     def commit(self, token: int) -> None:
         """Wait until the write with this WAL token is durable, as the durability level asks.
@@ -677,6 +860,8 @@ class Shard:
         self._check_writable()
         if idem is not None and idem in self._idem:
             return list(self._idem[idem])
+        if self.lww is not None:
+            self._check_multi(items, fence)
         fence_ops = self._fence_ops(fence)
         now = self._clock.time()
         puts: list[PutOp] = []
@@ -716,6 +901,23 @@ class Shard:
         ops.extend(puts)
         return Record(seq=self.applied_seq + 1, ts=now, ops=ops, idem=idem)
 
+    def _check_multi(self, items: Sequence[PreparedPut], fence: tuple[str, int] | None) -> None:
+        """InvalidArgument for what a ``multi`` collection cannot do: every replica takes
+        writes concurrently, so there is no single current version to compare with."""
+        what = None
+        if fence is not None:
+            what = "writes under a lock's fencing token"
+        elif any(item.if_version is not None for item in items):
+            what = "compare-and-set (if_version)"
+        elif any(item.lease for item in items):
+            what = "memories attached to a lease"
+        if what is not None:
+            raise InvalidArgument(
+                f"{self.name}: {what} needs a single writer: create the collection with"
+                " replication='leader' or 'chain'; replication='multi' resolves concurrent"
+                " writes last-writer-wins instead"
+            )
+
     def _fence_ops(self, fence: tuple[str, int] | None) -> list[Op]:
         """The FenceOp a write under ``fence`` records (none if its token is recorded
         already); StaleToken if a higher token of that lock wrote here. Caller holds ``lock``."""
@@ -749,6 +951,8 @@ class Shard:
         versions of its puts).
         Caller holds ``lock`` since planning; then calls :meth:`commit` without it."""
         token = self._write(record)
+        if self.lww is not None:  # stamped: a put's version is its HLC stamp
+            return token, [op.hlc for op in self.last_written.ops if isinstance(op, StampedPutOp)]
         offset = self._version_offset  # what the record's VersionOp, if any, set
         return token, [
             record.seq + i + offset for i, op in enumerate(record.ops) if isinstance(op, PutOp)
@@ -811,6 +1015,8 @@ class Shard:
         in :meth:`plan_put`."""
         with self.lock:
             self._check_writable()
+            if self.lww is not None and fence is not None:
+                self._check_multi([], fence)
             ops = self._fence_ops(fence)
             now = self._clock.time()
             slot = self._keys.get((namespace, key))
@@ -1266,6 +1472,10 @@ class Shard:
             floor = max(0, self.applied_seq - self.config.feed_retention_events)
             with self._wal_read_lock:
                 self._wal.truncate_before(min(kept[0], floor))
+                first = self._wal.first_seq()
+            if self.lww is not None:
+                with self.lock:
+                    self.lww.forget_before(first)
         self._wal_bytes_at_snapshot = wal_bytes
         log.info("%s: snapshot at seq %d", self.name, state.seq)
         return state.seq
@@ -1292,6 +1502,7 @@ class Shard:
             leases=sorted(self._slot_lease.items()),
             fences=sorted(self._fences.items()),
             version_offset=self._version_offset,
+            lww=None if self.lww is None else self.lww.state(),
         )
 
     def _load_state(self, state: ShardState) -> None:
@@ -1344,6 +1555,8 @@ class Shard:
         self._slot_lease = dict(state.leases)
         self._fences = dict(state.fences)
         self._version_offset = state.version_offset
+        if self.lww is not None and state.lww is not None:
+            self.lww.load(state.lww)
         self.applied_seq = state.seq
 
     @classmethod
@@ -1384,6 +1597,12 @@ class Shard:
             else:
                 shard._in_buffer[: shard._n] = shard._alive[: shard._n]
                 shard._buffer_count = shard.live_count
+        if shard.lww is not None:  # which records of each origin the WAL still holds
+            for record in wal.records(after_seq=0):
+                if record.last_seq > shard.applied_seq:
+                    break
+                if record.origin is not None:
+                    shard.lww.logged(record, record.seq)
         for record in wal.records(after_seq=shard.applied_seq):
             if record.seq != shard.applied_seq + 1:
                 raise CorruptionError(
