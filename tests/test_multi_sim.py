@@ -13,9 +13,9 @@ Checks: at every step, no replica's version vector goes back, a write acknowledg
 above everything it has seen, whatever its clock's skew); once the faults stop and the
 network heals, every replica holds the same version vector, stamps and memories, and those
 are what the model says: for each key, the write with the highest (hlc, origin) stamp over
-every write ever acknowledged (absent if that is a delete or has expired). Runs with last-writer-wins or the
-HLC's receive rule disabled must break this for some seed, or the checks mean nothing. A failing
-seed replays exactly (``MEMCLUSTER_SEED``).
+every write ever acknowledged (absent if that is a delete or has expired). Runs with
+last-writer-wins or the HLC's receive rule disabled must break this for some seed, or the
+checks mean nothing. A failing seed replays exactly (``MEMCLUSTER_SEED``).
 """
 
 from __future__ import annotations
