@@ -366,6 +366,27 @@ async def _balance(
         return
 
 
+async def _move_multi_leader(
+    coord: Coordinator,
+    cluster: str,
+    shard_id: ShardId,
+    current: ShardAssignment,
+    revision: int,
+    live: dict[str, NodeInfo],
+    exclude: frozenset[str],
+) -> None:
+    """A ``multi`` shard's map leader is gone or draining. Every replica takes writes, so
+    nothing waits for it; the leader only admits new replicas and serves the change feed:
+    give the role to the first live in-sync replica (any would do), with the next epoch."""
+    candidates = [n for n in current.in_sync if n in live and n not in exclude]
+    if not candidates:
+        return
+    entry = msgspec.structs.replace(current, epoch=current.epoch + 1, leader=candidates[0])
+    key = assignment_key(cluster, shard_id)
+    if await coord.txn([Compare(key, revision)], [Put(key, encode(entry))]):
+        log.info("%s/%04d (multi): %s is the map's leader now", *shard_id, candidates[0])
+
+
 def _is_chain(collections: dict[str, CollectionConfig], shard_id: ShardId) -> bool:
     config = collections.get(shard_id[0])
     return config is not None and config.replication is Replication.CHAIN
@@ -394,6 +415,9 @@ async def _failover(
     if config is None and shard_id != COORDINATION:
         return  # its collection is being dropped
     epoch = current.epoch + 1
+    if config is not None and config.replication is Replication.MULTI:
+        await _move_multi_leader(coord, cluster, shard_id, current, revision, live, exclude)
+        return
     statuses: list[Status] = []
 
     async def ask(node: str) -> None:

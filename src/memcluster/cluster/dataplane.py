@@ -39,6 +39,7 @@ from memcluster.cluster import wire
 from memcluster.cluster.coordinator import Compare, Coordinator, Put
 from memcluster.cluster.host import ShardHost, ShardId, State, shard_name
 from memcluster.cluster.keys import COORDINATION, ShardAssignment, assignment_key, encode
+from memcluster.cluster.multi import MultiDriver
 from memcluster.cluster.replicas import EpochHistory, ReplicaDriver
 from memcluster.cluster.shardmap import ShardMap, Snapshot
 from memcluster.core import validation
@@ -217,6 +218,8 @@ class DataPlane:
         self._pulling: set[ShardId] = set()
         self.replicas: dict[ShardId, ReplicaDriver] = {}
         """The drivers of the replicated shards held here."""
+        self.multis: dict[ShardId, MultiDriver] = {}
+        """The drivers of the ``replication="multi"`` shards held here."""
         self._revisions: dict[ShardId, int] = {}
         self._resyncing: set[ShardId] = set()
         # Replication requests never wait behind writes that wait for them (on other nodes).
@@ -282,8 +285,17 @@ class DataPlane:
                     self._on_repl(
                         lambda _: wire.ReplicaInfos(
                             [d.info() for d in list(self.replicas.values())]
+                            + [d.info() for d in list(self.multis.values())]
                         )
                     ),
+                ),
+                "multi.push": (
+                    wire.MultiPush,
+                    self._on_repl(lambda b: self._multi(b).on_push(b)),
+                ),
+                "multi.pull": (
+                    wire.MultiPull,
+                    self._on_repl(lambda b: self._multi(b).on_pull(b)),
                 ),
                 "repl.resync": (wire.ReplResync, self._resync_handler),
                 "shard.unfreeze": (wire.ShardRef, self._unfreeze),
@@ -320,6 +332,14 @@ class DataPlane:
             )
         return driver
 
+    def _multi(self, b: wire.MultiPush | wire.MultiPull) -> MultiDriver:
+        driver = self.multis.get((b.collection, b.shard))
+        if driver is None:
+            raise WrongNode(
+                f"this node holds no replica of shard {shard_name((b.collection, b.shard))}"
+            )
+        return driver
+
     def _history(self, b: wire.ShardRef) -> wire.History:
         history = self._driver(b).history
         return wire.History(list(history.epochs), history.adopted)
@@ -329,12 +349,16 @@ class DataPlane:
         self._stop.set()
         for driver in self.replicas.values():
             driver.close()
+        for multi in self.multis.values():
+            multi.close()
 
     def close(self) -> None:
         """Wait for the operations running on the pool; blocking: call it off the loop."""
         self._stop.set()
         for driver in list(self.replicas.values()):
             driver.close()
+        for multi in list(self.multis.values()):
+            multi.close()
         self._pool.shutdown(wait=True)
         self._repl_pool.shutdown(wait=True)
 
@@ -392,7 +416,11 @@ class DataPlane:
             if memory is not None:
                 found = memory
                 break
-        return wire.ShardGetReply(found, seqs)
+        deleted = 0
+        if found is None and len(b.shards) == 1 and b.eventual:
+            shard = self.host.any_reader((b.collection, b.shards[0]))
+            deleted = shard.deleted_at(b.namespace, b.key)
+        return wire.ShardGetReply(found, seqs, deleted)
 
     def _locate(self, b: wire.ShardLocate) -> wire.Located:
         found: dict[int, list[tuple[int, int, float]]] = {}
@@ -804,6 +832,64 @@ class DataPlane:
         # Off the loop: the shard's lock may be held by a writer waiting for acknowledgements.
         await self._run(self.host.set_state, shard_id, new_state)
 
+    @staticmethod
+    def _is_multi(snap: Snapshot, shard_id: ShardId) -> bool:
+        config = snap.collections.get(shard_id[0])
+        return config is not None and config.replication is Replication.MULTI
+
+    async def _sync_multi(
+        self, snap: Snapshot, shard_id: ShardId, assignment: ShardAssignment, state: State | None
+    ) -> None:
+        """Keep a ``multi`` shard's replica here in line with its map entry. Every replica
+        takes writes; one leaving this node first stops taking them and pushes what only it
+        holds to the others."""
+        if self.node_id not in assignment.replicas:
+            driver = self.multis.pop(shard_id, None)
+            self._revisions.pop(shard_id, None)
+            if driver is not None:
+                await self._run(self.host.set_state, shard_id, State.FOLLOWER)
+                if not await driver.flush(10.0):
+                    log.warning(
+                        "shard %s leaves this node before every peer had its last writes;"
+                        " they are lost unless a peer pulled them",
+                        shard_name(shard_id),
+                    )
+                driver.close()
+            if state is not None and state is not State.INCOMING:
+                await self._run(self.host.drop, shard_id)
+            return
+        if shard_id in self._pulling:
+            return
+        config = snap.collections[shard_id[0]]
+        if state is None:
+            await self._run(self.host.open, config, shard_id[1], State.FOLLOWER)
+        revision = snap.shard_revisions.get(shard_id, 0)
+        driver = self.multis.get(shard_id)
+        if driver is None:
+            hosted = self.host.hosted(shard_id)
+            if hosted is None or not isinstance(hosted.shard, Shard):
+                return
+            driver = MultiDriver(
+                node_id=self.node_id,
+                shard_id=shard_id,
+                hosted=hosted,
+                shard=hosted.shard,
+                assignment=assignment,
+                revision=revision,
+                ack=config.ack.value,
+                cluster=self.map.cluster,
+                coord=self.coord,
+                peer_url=self._peer_url,
+                request=self.peers.request,
+                loop=asyncio.get_running_loop(),
+            )
+            self.multis[shard_id] = driver
+        elif self._revisions.get(shard_id) == revision:
+            return
+        self._revisions[shard_id] = revision
+        new_state = driver.update(assignment, revision)
+        await self._run(self.host.set_state, shard_id, new_state)
+
     async def _resign(self, shard_id: ShardId) -> None:
         """This node restarted as the leader of a replicated shard: it may have lost writes
         a follower has (and followers may hold writes it never acknowledged), so it does not
@@ -852,9 +938,12 @@ class DataPlane:
             assignment = snap.shards.get(shard_id)
             if assignment is None:
                 continue
-            if len(assignment.replicas) > 1 and self.node_id not in assignment.replicas:
+            multi = self._is_multi(snap, shard_id)
+            if (len(assignment.replicas) > 1 or multi) and self.node_id not in assignment.replicas:
                 # Replaced while this node was down: the copy here is stale.
                 await self._run(self.host.drop, shard_id)
+            elif multi:  # its driver makes it active
+                await self._run(self.host.reopen, shard_id, State.FOLLOWER)
             elif len(assignment.replicas) > 1:
                 await self._run(self.host.reopen, shard_id, State.FOLLOWER)  # until the driver says
                 if assignment.leader == self.node_id:
@@ -882,7 +971,9 @@ class DataPlane:
         states = self.host.states()
         for shard_id, assignment in snap.shards.items():
             state = states.get(shard_id)
-            if len(assignment.replicas) > 1 or shard_id in self.replicas:
+            if self._is_multi(snap, shard_id):
+                await self._sync_multi(snap, shard_id, assignment, state)
+            elif len(assignment.replicas) > 1 or shard_id in self.replicas:
                 await self._sync_replica(snap, shard_id, assignment, state)
             elif assignment.leader == self.node_id:
                 if state is None and shard_id not in self._pulling:
@@ -907,6 +998,9 @@ class DataPlane:
                 driver = self.replicas.pop(shard_id, None)
                 if driver is not None:
                     driver.close()
+                multi = self.multis.pop(shard_id, None)
+                if multi is not None:
+                    multi.close()
                 await self._run(self.host.drop, shard_id)  # its collection was dropped
         now = time.monotonic()
         for shard_id, (since, rehoming) in self.host.frozen().items():

@@ -14,7 +14,9 @@ from typing import Any
 import msgspec
 
 from memcluster.core.types import CollectionConfig, Event, Hit, Memory
+from memcluster.core.codec import Record
 from memcluster.replication.leader import Append, AppendAck, StatusRequest
+from memcluster.replication.multi import PullRequest
 
 Key = tuple[tuple[str, ...], str]
 
@@ -53,6 +55,9 @@ class ShardGetReply(msgspec.Struct):
     memory: Memory | None
     seqs: dict[int, int] = {}
     """A session read: the applied seq of each shard that answered."""
+    deleted: int = 0
+    """A ``multi`` collection's replica without the memory: the HLC stamp of its delete (0:
+    never written here), so a quorum read can tell a newer delete from a missed put."""
 
 
 class ShardDelete(msgspec.Struct, kw_only=True):
@@ -342,3 +347,27 @@ class ReplResync(msgspec.Struct, kw_only=True):
     collection: str
     shard: int
     source: str
+
+
+class MultiPush(msgspec.Struct, kw_only=True):
+    """``multi.push``: records of a ``multi`` shard that the receiver lacks, as far as the
+    sender knows; the reply is the receiver's version vector after applying them."""
+
+    collection: str
+    shard: int
+    sender: str
+    records: list[Record]
+
+
+class MultiPull(msgspec.Struct, kw_only=True):
+    """``multi.pull``: ask a replica of a ``multi`` shard for what the sender lacks (the reply
+    is a ``replication.multi.PullReply``)."""
+
+    collection: str
+    shard: int
+    sender: str
+    request: PullRequest
+
+
+class VersionVector(msgspec.Struct):
+    vv: dict[str, int]

@@ -187,6 +187,9 @@ class ClusterStore:
         last_problem = ""
         while pending:
             snap = self.map.current
+            config = snap.collections.get(collection)
+            if config is not None and config.replication is Replication.MULTI:
+                any_replica = True  # every replica takes writes and answers reads
             groups: dict[str, list[int]] = {}
             waiting: list[int] = []
             for n in pending:
@@ -272,6 +275,73 @@ class ClusterStore:
                     )
                 self._wait_change(snap, min(left, 0.2))
         return replies, sorted(missing)
+
+    def quorum(
+        self,
+        collection: str,
+        shards: Sequence[int],
+        r: int | None,
+        kind: str,
+        body: Callable[[list[int]], msgspec.Struct],
+        reply: type[T],
+    ) -> list[T]:
+        """A quorum read of a ``multi`` collection: ``body`` to ``r`` replicas of each shard
+        (default: a majority), this node's first; the replies of the first ``r`` per shard
+        to answer (the caller merges them by version). ShardUnavailable when fewer than
+        ``r`` replicas of a shard are up or answer."""
+        snap = self.map.current
+        plan: dict[int, list[str]] = {}
+        for n in sorted(set(shards)):
+            assignment = snap.shards.get((collection, n))
+            replicas = [] if assignment is None else list(assignment.replicas)
+            need = len(replicas) // 2 + 1 if r is None else r
+            if not 1 <= need <= max(1, len(replicas)):
+                raise InvalidArgument(
+                    f"r={r}: shard {collection}/{n:04d} has {len(replicas)} replicas; give"
+                    f" 1 to {len(replicas)}"
+                )
+            up = [x for x in replicas if x in snap.nodes]
+            random.shuffle(up)
+            up.sort(key=lambda x: x != self.node_id)
+            if len(up) < need:
+                down = ", ".join(x for x in replicas if x not in snap.nodes)
+                raise ShardUnavailable(
+                    f"a quorum read of shard {collection}/{n:04d} needs {need} replicas and"
+                    f" {len(up)} are up ({down} down); lower r, or read with"
+                    " consistency='eventual'"
+                )
+            plan[n] = up[:need]
+        groups: dict[str, list[int]] = {}
+        for n, nodes in plan.items():
+            for node in nodes:
+                groups.setdefault(node, []).append(n)
+
+        async def ask(node: str, group: list[int]) -> T:
+            if node == self.node_id:
+                got = await asyncio.get_running_loop().run_in_executor(
+                    None, self._local[kind], body(group)
+                )
+                assert isinstance(got, reply)
+                return got
+            url = snap.nodes[node].peer_url
+            return await self.peers.request(url, kind, body(group), reply, self.route_deadline_s)
+
+        async def gather() -> list[T | BaseException]:
+            jobs = [ask(node, group) for node, group in groups.items()]
+            return await asyncio.gather(*jobs, return_exceptions=True)
+
+        results = self._await(gather())
+        out: list[T] = []
+        for (node, _group), result in zip(groups.items(), results, strict=True):
+            if isinstance(result, MemclusterError):
+                raise ShardUnavailable(
+                    f"a quorum read of {collection} needs {node}, which did not answer:"
+                    f" {result}; retry, or read with consistency='eventual'"
+                )
+            if isinstance(result, BaseException):
+                raise result
+            out.append(result)
+        return out
 
     def _wait_change(self, snap: Snapshot, timeout_s: float) -> None:
         before = snap.revision
@@ -846,9 +916,26 @@ class ClusterCollection:
     ) -> tuple[Memory | None, str | None]:
         """The memory, and for a session read the session token updated with what it saw."""
         ns, k = self._key(namespace, key)
-        level = validation.enum_value("consistency", consistency, Consistency)
+        level = self._level(consistency)
         eventual = level is Consistency.EVENTUAL
         shards = self._key_shards(ns, k)
+        if self._multi() and level is Consistency.QUORUM:
+            quorum = self._store.quorum(
+                self.name,
+                shards,
+                None,
+                "shard.get",
+                lambda group: wire.ShardGet(
+                    collection=self.name, shards=group, namespace=ns, key=k, eventual=True
+                ),
+                wire.ShardGetReply,
+            )
+            # The newest write wins: a memory, or the delete (tombstone) of one.
+            newest = max(
+                quorum,
+                key=lambda g: g.deleted if g.memory is None else g.memory.version,
+            )
+            return newest.memory, None
 
         def read(need: dict[int, int] | None) -> list[wire.ShardGetReply]:
             replies, _ = self._store.scatter(
@@ -872,6 +959,23 @@ class ClusterCollection:
         replies, token = self._session_read(level, token, read)
         found = [r.memory for r in replies if r.memory is not None]
         return (max(found, key=lambda m: m.updated_at) if found else None), token
+
+    def _multi(self) -> bool:
+        config = self._store.map.current.collections.get(self.name, self.config)
+        return config.replication is Replication.MULTI
+
+    def _level(self, consistency: Consistency | str) -> Consistency:
+        """The read level asked for; InvalidArgument for one a ``multi`` collection cannot
+        give (its replicas take writes independently: no replica has them all at once)."""
+        level = validation.enum_value("consistency", consistency, Consistency)
+        if self._multi() and level in (Consistency.STRONG, Consistency.SESSION):
+            raise InvalidArgument(
+                f"collection {self.name!r} has replication='multi': it offers no"
+                f" consistency={level.value!r} reads (every replica takes writes); read with"
+                " consistency='quorum' (the newest of a majority of replicas: with"
+                " ack='majority' writes it sees every acknowledged write) or 'eventual'"
+            )
+        return level
 
     def _session_read(
         self,
@@ -931,7 +1035,7 @@ class ClusterCollection:
         result's ``session`` is the token raised to what this search saw."""
         cfg = self._store.config
         validation.int_in_range("k", k, 1, cfg.search_k_max)
-        level = validation.enum_value("consistency", consistency, Consistency)
+        level = self._level(consistency)
         eventual = level is Consistency.EVENTUAL
         if nprobe is not None:
             validation.int_in_range("nprobe", nprobe, 0, cfg.shards_max)
@@ -964,8 +1068,35 @@ class ClusterCollection:
             missing[:] = lost
             return replies
 
-        replies, token = self._session_read(level, token, read)
+        if self._multi() and level is Consistency.QUORUM:
+            replies = self._store.quorum(
+                self.name,
+                shards,
+                None,
+                "shard.search",
+                lambda group: wire.ShardSearch(
+                    collection=self.name,
+                    shards=group,
+                    vector=query,
+                    k=k,
+                    namespace=prefix,
+                    filter=flt,
+                    include_vectors=include_vectors,
+                    eventual=True,
+                ),
+                wire.ShardHits,
+            )
+            token = None
+        else:
+            replies, token = self._session_read(level, token, read)
         hits: list[Hit] = [h for r in replies for h in r.hits]
+        if self._multi():  # the replicas' copies of a memory: keep the newest
+            newest: dict[tuple[tuple[str, ...], str], Hit] = {}
+            for hit in hits:
+                held = newest.get(_key(hit.memory))
+                if held is None or hit.memory.version > held.memory.version:
+                    newest[_key(hit.memory)] = hit
+            hits = list(newest.values())
         hits.sort(key=lambda h: (-h.score, h.memory.namespace, h.memory.key))
         if not self._sharder.keyed:
             # While a range split or a centroid placement moves memories, one may be in two

@@ -462,6 +462,13 @@ class Shard:
             raise InvalidState(f"{self.name}: not a replica of a replication='multi' collection")
         return self.lww
 
+    def deleted_at(self, namespace: tuple[str, ...], key: str) -> int:
+        """``multi`` collections: the HLC stamp of the delete of this memory that this
+        replica holds (its tombstone), 0 if none (or not a ``multi`` shard)."""
+        with self.lock:
+            stamp = None if self.lww is None else self.lww.stamp_of((namespace, key))
+        return stamp[0] if stamp is not None and stamp[2] else 0
+
     def version_vector(self) -> dict[str, int]:
         """Which writes this replica holds: origin -> the highest ``oseq`` applied."""
         with self.lock:

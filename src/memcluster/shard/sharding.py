@@ -109,10 +109,11 @@ def check_config(config: CollectionConfig) -> CollectionConfig:
             f"replication_factor is {config.replication_factor}; give 1 (no copies) to"
             f" {MAX_REPLICATION_FACTOR}, at most the number of nodes"
         )
-    if config.replication is Replication.MULTI:
+    if config.replication is Replication.MULTI and config.sharding is not Sharding.HASH:
         raise _fail(
-            "replication='multi' is not available yet; use replication='leader'"
-            " (leader-follower, with ack='all', 'majority' or 'leader') or 'chain'"
+            f"replication='multi' needs sharding='hash' (not {config.sharding.value!r}):"
+            " range and vector sharding move memories between shards, which needs a single"
+            " writer per shard; use replication='leader' or 'chain' with them"
         )
     if config.replication is Replication.CHAIN and config.ack is not Ack.ALL:
         raise _fail(

@@ -1,0 +1,239 @@
+"""Multi-leader collections (``replication="multi"``) in real node processes with real etcd:
+every replica takes writes, concurrent writes of one key resolve last-writer-wins the same
+way on every replica, a killed replica neither stops writes nor loses acknowledged ones, and
+the levels a multi collection cannot give are refused with errors that say what to do."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import memcluster
+from cluster_util import Cluster, cluster_fixture
+from memcluster import Memory
+from memcluster.cluster.keys import ShardAssignment
+from test_coordinator import EtcdProcess
+
+NODES = ("n1", "n2", "n3")
+KEYS = 40
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
+    server = EtcdProcess(tmp_path_factory.mktemp("etcd") / "data")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest, tmp_path: Path, etcd: EtcdProcess) -> Iterator[Cluster]:
+    yield from cluster_fixture(request, tmp_path, etcd=etcd, name=f"m{time.monotonic_ns()}")
+
+
+def _memory(key: str, text: str) -> Memory:
+    vector = np.array([1.0, len(text) % 7, hash(key) % 5, 0.5], dtype=np.float32)
+    return Memory(namespace=("a",), key=key, text=text, vector=vector)
+
+
+def _placed(cluster: Cluster, collection: str, shards: int) -> None:
+    def placed() -> bool:
+        found = {
+            v.shard: v.assignment
+            for v in cluster.view().shards
+            if v.collection == collection and v.assignment is not None
+        }
+        return len(found) == shards and all(
+            isinstance(a, ShardAssignment) and len(a.replicas) == 3 for a in found.values()
+        )
+
+    cluster.wait_for(placed, 30.0, f"{collection} placed on 3 replicas")
+
+
+class Writer:
+    """Puts keys k0..k(KEYS-1) in turn through one node, text "<node>-<i>", until stopped;
+    remembers every acknowledged (key, text, version)."""
+
+    def __init__(self, cluster: Cluster, node: str, collection: str) -> None:
+        self.node = node
+        self.coll = cluster.client(node, "binary").collection(collection)
+        self.acked: list[tuple[str, str, int]] = []
+        self.ack_times: list[float] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Writer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            key, text = f"k{i % KEYS}", f"{self.node}-{i}"
+            try:
+                (version,) = self.coll.put_many([_memory(key, text)])
+            except memcluster.MemclusterError as exc:
+                self.failures.append(repr(exc))
+                time.sleep(0.05)
+                continue
+            self.acked.append((key, text, version))
+            self.ack_times.append(time.monotonic())
+            i += 1
+
+    def wait_acked(self, n: int, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.acked) < n:
+            assert time.monotonic() < deadline, f"{self.node}: {len(self.acked)} acked"
+            time.sleep(0.02)
+
+
+def _contents(cluster: Cluster, node: str, collection: str) -> dict[str, tuple[str, int]]:
+    coll = cluster.client(node, "binary").collection(collection)
+    out = {}
+    for i in range(KEYS):
+        memory = coll.get(("a",), f"k{i}", consistency="eventual")
+        if memory is not None:
+            assert memory.text is not None
+            out[f"k{i}"] = (memory.text, memory.version)
+    return out
+
+
+def _converged(
+    cluster: Cluster, nodes: tuple[str, ...], collection: str
+) -> dict[str, tuple[str, int]]:
+    """Every node's replicas hold the same memories (polled: anti-entropy takes a moment)."""
+    seen: list[dict[str, tuple[str, int]]] = []
+
+    def same() -> bool:
+        seen[:] = [_contents(cluster, n, collection) for n in nodes]
+        return all(s == seen[0] for s in seen)
+
+    cluster.wait_for(same, 30.0, "the replicas converged")
+    return seen[0]
+
+
+def _check_last_writer_wins(final: dict[str, tuple[str, int]], writers: list[Writer]) -> None:
+    """Each key holds its acknowledged write with the highest version (its HLC stamp)."""
+    newest: dict[str, tuple[str, int]] = {}
+    for writer in writers:
+        for key, text, version in writer.acked:
+            if key not in newest or version > newest[key][1]:
+                newest[key] = (text, version)
+    for key, (text, version) in newest.items():
+        assert key in final, f"{key} lost: its newest acknowledged write was {text}"
+        got_text, got_version = final[key]
+        assert got_version >= version, f"{key}: {got_text}@{got_version} < {text}@{version}"
+        if got_version == version:
+            assert got_text == text
+
+
+def test_every_replica_takes_writes_and_concurrent_writes_converge(cluster: Cluster) -> None:
+    """Three writers, one through each node, write the same 40 keys at once: every write is
+    taken by the node's own replica; once they stop, every replica holds the same memories,
+    and each key holds its newest acknowledged write."""
+    cluster.add_nodes(*NODES)
+    client = cluster.client("n1", "binary")
+    client.create_collection(
+        "mm", dim=4, shards=2, replication_factor=3, replication="multi", ack="majority"
+    )
+    _placed(cluster, "mm", 2)
+    writers = [Writer(cluster, n, "mm") for n in NODES]
+    for w in writers:
+        w.__enter__()
+    try:
+        for w in writers:
+            w.wait_acked(300)
+    finally:
+        for w in writers:
+            w.__exit__()
+    total = sum(len(w.acked) for w in writers)
+    final = _converged(cluster, NODES, "mm")
+    print(f"{total} writes through 3 nodes at once; {len(final)} keys converged")
+    _check_last_writer_wins(final, writers)
+    quorum = client.collection("mm").get(("a",), "k0", consistency="quorum")
+    assert quorum is not None
+    assert (quorum.text, quorum.version) == final["k0"]
+    hits = client.collection("mm").search(
+        np.array([1.0, 1.0, 1.0, 0.5], dtype=np.float32), k=5, consistency="quorum"
+    )
+    assert len(hits) == 5
+    assert len({(h.memory.key) for h in hits}) == 5
+
+
+def test_a_killed_replica_stops_no_writes_and_catches_up_when_back(cluster: Cluster) -> None:
+    """kill -9 one node while writers on the other two write with ack="majority": writes go
+    on without waiting for any failover; back, the node catches up (including its own
+    writes from before the kill) and every replica holds every newest write."""
+    cluster.add_nodes(*NODES)
+    client = cluster.client("n1", "binary")
+    client.create_collection(
+        "mk", dim=4, shards=2, replication_factor=3, replication="multi", ack="majority"
+    )
+    _placed(cluster, "mk", 2)
+    victim = Writer(cluster, "n3", "mk")
+    with victim:
+        victim.wait_acked(100)
+    writers = [Writer(cluster, n, "mk") for n in ("n1", "n2")]
+    for w in writers:
+        w.__enter__()
+    try:
+        for w in writers:
+            w.wait_acked(100)
+        killed_at = time.monotonic()
+        cluster.kill("n3")
+        counts = [len(w.acked) for w in writers]
+        for w, before in zip(writers, counts, strict=True):
+            w.wait_acked(before + 200)
+    finally:
+        for w in writers:
+            w.__exit__()
+    pauses = []
+    for w in writers:
+        after = [t for t in w.ack_times if t > killed_at]
+        pauses.append(max(b - a for a, b in zip([killed_at, *after], after, strict=False)))
+    print(f"kill -9 of a multi replica: longest pause between writes {max(pauses):.3f} s")
+    assert max(pauses) < 2.0
+    survivors = _converged(cluster, ("n1", "n2"), "mk")
+    _check_last_writer_wins(survivors, [victim, *writers])
+    cluster.restart("n3")
+    final = _converged(cluster, NODES, "mk")
+    _check_last_writer_wins(final, [victim, *writers])
+
+
+def test_what_a_multi_collection_cannot_do_is_refused_with_a_clear_error(
+    cluster: Cluster,
+) -> None:
+    cluster.add_nodes(*NODES)
+    client = cluster.client("n1", "binary")
+    client.create_collection("mr", dim=4, replication_factor=3, replication="multi")
+    _placed(cluster, "mr", 1)
+    coll = client.collection("mr")
+    coll.put_many([_memory("x", "one")])
+    with pytest.raises(memcluster.InvalidArgument, match="consistency='quorum'"):
+        coll.get(("a",), "x")  # strong is the default
+    with pytest.raises(memcluster.InvalidArgument, match="quorum"):
+        coll.get(("a",), "x", consistency="session")
+    with pytest.raises(memcluster.InvalidArgument, match="replication='leader' or 'chain'"):
+        coll.put_many([Memory(namespace=("a",), key="x", vector=np.ones(4), if_version=1)])
+    memory = coll.get(("a",), "x", consistency="quorum")
+    assert memory is not None
+    assert memory.text == "one"
+    with pytest.raises(memcluster.InvalidArgument, match="sharding='hash'"):
+        client.create_collection(
+            "mv",
+            dim=2,
+            shards=2,
+            sharding="range",
+            range_field="t",
+            boundaries=[0.0],
+            replication="multi",
+        )
