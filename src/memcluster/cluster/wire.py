@@ -13,8 +13,8 @@ from typing import Any
 
 import msgspec
 
-from memcluster.core.types import CollectionConfig, Event, Hit, Memory
 from memcluster.core.codec import Record
+from memcluster.core.types import CollectionConfig, Event, Hit, Memory
 from memcluster.replication.leader import Append, AppendAck, StatusRequest
 from memcluster.replication.multi import PullRequest
 
