@@ -22,6 +22,7 @@ from memcluster.cluster.dataplane import Peers
 from memcluster.cluster.keys import NodeInfo, ShardAssignment
 from memcluster.cluster.view import ReplicaState, ReplicaView, Role, ask_replicas, replica_rows
 from memcluster.cluster.wire import ReplicaInfo
+from memcluster.core.types import Replication
 from test_coordinator import EtcdProcess
 
 # -- replica_rows: role, state and lag from the assignment, live nodes and reports -------------
@@ -373,3 +374,32 @@ def test_status_json_keeps_its_shape_without_replicated_collections(
                 "lag": 0,
             }
         ]
+
+
+def test_chain_members_show_as_head_follower_and_tail() -> None:
+    assignment = ShardAssignment(
+        epoch=2, replicas=("a", "b", "c", "d"), leader="a", in_sync=("a", "b", "c")
+    )
+    live = {n: _node(n) for n in "abcd"}
+    rows = replica_rows(assignment, live, {}, Replication.CHAIN)
+    assert [(r.node, r.role) for r in rows] == [
+        ("a", Role.HEAD),
+        ("b", Role.FOLLOWER),
+        ("c", Role.TAIL),
+        ("d", Role.FOLLOWER),  # rejoining at the end: not a member until in sync
+    ]
+
+
+def test_multi_peers_lag_by_the_writes_of_others_they_lack() -> None:
+    assignment = ShardAssignment(epoch=1, replicas=("a", "b", "c"), leader="a", in_sync=("a", "b"))
+    live = {n: _node(n) for n in "ab"}
+    reports = {
+        "a": msgspec.structs.replace(_info(50, "active"), acked={"a": 10, "b": 7}),
+        "b": msgspec.structs.replace(_info(40, "active"), acked={"a": 8, "b": 9}),
+    }
+    rows = replica_rows(assignment, live, reports, Replication.MULTI)
+    assert [(r.node, r.role, r.state, r.lag) for r in rows] == [
+        ("a", Role.PEER, IN_SYNC, 2),  # lacks b's 8 and 9
+        ("b", Role.PEER, IN_SYNC, 2),  # lacks a's 9 and 10
+        ("c", Role.PEER, DOWN, None),
+    ]

@@ -269,9 +269,10 @@ def status_command(target: Target, etcd: str | None, cluster: str) -> None:
     With --etcd: the nodes (up, addresses, shards held), the controller, the collections and
     the shard map (each shard's epoch, leader, replicas, and whether it is available). For a
     collection with a replication factor above 1, each replica of each shard: its node and
-    address, its role (leader or follower), its state (in-sync; catching-up: not in the in-sync
-    set, or being copied; down: its node is not up) and its lag behind the leader in
-    operations, asked of the nodes ("?" when a node did not answer in time).
+    address, its role (leader or follower; head, follower or tail in a chain; peer in a multi
+    collection), its state (in-sync; catching-up: not in the in-sync set, or being copied;
+    down: its node is not up) and its lag: operations behind the leader (a multi peer: writes
+    the others hold that it lacks), asked of the nodes ("?" when a node did not answer).
 
     \b
     Examples:

@@ -267,8 +267,7 @@ class MultiDriver:
         return False
 
     def info(self) -> wire.ReplicaInfo:
-        with self._lock:
-            acked = {p: (self.sync.known(p) or {}).get(self.node_id, 0) for p in self.sync.peers}
+        acked = self.shard.version_vector()
         return wire.ReplicaInfo(
             collection=self.shard_id[0],
             shard=self.shard_id[1],

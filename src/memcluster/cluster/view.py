@@ -57,7 +57,7 @@ from memcluster.cluster.keys import (
 )
 from memcluster.cluster.membership import live_nodes
 from memcluster.core.errors import MemclusterError
-from memcluster.core.types import CollectionConfig
+from memcluster.core.types import CollectionConfig, Replication
 
 log = logging.getLogger("memcluster.cluster")
 
@@ -68,6 +68,13 @@ ASK_TIMEOUT_S = 2.0
 class Role(enum.StrEnum):
     LEADER = "leader"
     FOLLOWER = "follower"
+    HEAD = "head"
+    """``replication="chain"``: the first in-sync member, which takes the writes."""
+    TAIL = "tail"
+    """``replication="chain"``: the last in-sync member, which acknowledges writes and
+    serves strong reads (the members between are followers)."""
+    PEER = "peer"
+    """``replication="multi"``: every replica takes writes."""
 
 
 class ReplicaState(enum.StrEnum):
@@ -139,10 +146,38 @@ def _being_copied(host_state: str) -> bool:
             assert_never(state)
 
 
+def _role(assignment: ShardAssignment, node_id: str, replication: Replication) -> Role:
+    if replication is Replication.MULTI:
+        return Role.PEER
+    if replication is Replication.CHAIN:
+        members = [n for n in assignment.replicas if n in assignment.in_sync]
+        if members and node_id == members[0]:
+            return Role.HEAD
+        if members and node_id == members[-1]:
+            return Role.TAIL
+    return Role.LEADER if node_id == assignment.leader else Role.FOLLOWER
+
+
+def _multi_lags(
+    assignment: ShardAssignment, reported: Mapping[str, wire.ReplicaInfo]
+) -> dict[str, int]:
+    """``multi`` replicas: how many writes each lacks of those the others hold (each
+    reports its version vector in ``acked``)."""
+    vvs = {n: reported[n].acked for n in assignment.replicas if n in reported}
+    newest: dict[str, int] = {}
+    for vv in vvs.values():
+        for origin, oseq in vv.items():
+            newest[origin] = max(newest.get(origin, 0), oseq)
+    return {
+        n: sum(oseq - vv.get(origin, 0) for origin, oseq in newest.items()) for n, vv in vvs.items()
+    }
+
+
 def replica_rows(
     assignment: ShardAssignment,
     nodes: Mapping[str, NodeInfo],
     reported: Mapping[str, wire.ReplicaInfo],
+    replication: Replication = Replication.LEADER,
 ) -> list[ReplicaView]:
     """The replicas of one shard, in the assignment's order.
 
@@ -151,11 +186,12 @@ def replica_rows(
     """
     leader_id = assignment.leader
     lead = reported.get(leader_id) if leader_id is not None and leader_id in nodes else None
+    multi_lags = _multi_lags(assignment, reported) if replication is Replication.MULTI else {}
     rows = []
     for node_id in assignment.replicas:
         node = nodes.get(node_id)
         mine = reported.get(node_id)
-        role = Role.LEADER if node_id == assignment.leader else Role.FOLLOWER
+        role = _role(assignment, node_id, replication)
         lag: int | None
         if node is None:
             state, lag = ReplicaState.DOWN, None
@@ -163,7 +199,9 @@ def replica_rows(
             copying = mine is not None and _being_copied(mine.state)
             synced = node_id in assignment.in_sync and not copying
             state = ReplicaState.IN_SYNC if synced else ReplicaState.CATCHING_UP
-            if role is Role.LEADER:
+            if replication is Replication.MULTI:
+                lag = multi_lags.get(node_id)
+            elif node_id == leader_id:
                 lag = 0
             elif lead is None or mine is None:
                 lag = None
@@ -237,8 +275,12 @@ async def cluster_view(
         if assignment is None:
             shards.append(ShardView(collection, shard, None, False))
             continue
-        rows = replica_rows(assignment, up, reported.get((collection, shard), {}))
-        available = assignment.leader in up
+        of = next((c for c in configs if c.name == collection), None)
+        replication = Replication.LEADER if of is None else of.replication
+        rows = replica_rows(assignment, up, reported.get((collection, shard), {}), replication)
+        available = assignment.leader in up or (
+            replication is Replication.MULTI and any(n in up for n in assignment.replicas)
+        )
         shards.append(ShardView(collection, shard, assignment, available, assignment.epoch, rows))
     named = {n for s in shards if s.assignment for n in s.assignment.replicas}
     return ClusterView(

@@ -320,7 +320,8 @@ class ReplicaInfo(msgspec.Struct, kw_only=True):
     committed: int
     """Leading: the highest seq acknowledged to writers (0 on followers)."""
     acked: dict[str, int]
-    """Leading: the highest seq each follower acknowledged this epoch."""
+    """Leading: the highest seq each follower acknowledged this epoch. A ``multi``
+    replica: its version vector (origin -> the highest of its records held here)."""
     state: str
     """The host's state of the shard: active (leading), follower, ready, incoming, ..."""
 
