@@ -227,6 +227,22 @@ def test_what_a_multi_collection_cannot_do_is_refused_with_a_clear_error(
     memory = coll.get(("a",), "x", consistency="quorum")
     assert memory is not None
     assert memory.text == "one"
+    # Per-request quorums: W on writes, R on quorum reads.
+    (version,) = coll.put_many([_memory("x", "two")], w=3)
+    for r in (1, 2, 3):
+        got = coll.get(("a",), "x", consistency="quorum", r=r)
+        assert got is not None
+        assert (got.text, got.version) == ("two", version)
+    hits = coll.search(np.ones(4, dtype=np.float32), k=1, consistency="quorum", r=3)
+    assert [h.memory.text for h in hits] == ["two"]
+    with pytest.raises(memcluster.InvalidArgument, match=r"w must be an int in \[1, 3\]"):
+        coll.put_many([_memory("x", "three")], w=4)
+    with pytest.raises(memcluster.InvalidArgument, match="r=2 is for consistency='quorum'"):
+        coll.get(("a",), "x", consistency="eventual", r=2)
+    client.create_collection("ml", dim=4, replication_factor=3)
+    leader = client.collection("ml")
+    with pytest.raises(memcluster.InvalidArgument, match="w= is for replication='multi'"):
+        leader.put_many([_memory("x", "one")], w=2)
     with pytest.raises(memcluster.InvalidArgument, match="sharding='hash'"):
         client.create_collection(
             "mv",

@@ -40,10 +40,12 @@ class _SlowCollection:
         idempotency_key: str | None = None,
         fence: tuple[str, int] | None = None,
         ack: str | None = None,
+        *,
+        w: int | None = None,
     ) -> list[int]:
         self._started.set()
         time.sleep(WRITE_S)
-        versions: list[int] = self._inner.put_many(memories, idempotency_key, fence, ack)
+        versions: list[int] = self._inner.put_many(memories, idempotency_key, fence, ack, w)
         return versions
 
 

@@ -713,6 +713,7 @@ class Collection:
         idempotency_key: str | None = None,
         fence: tuple[str, int] | None = None,
         ack: Ack | str | None = None,
+        w: int | None = None,
     ) -> list[int]:
         """Write a batch; returns the versions in input order.
 
@@ -722,10 +723,13 @@ class Collection:
         ``fence=(lock, token)``: written only while ``token`` holds the lock (see
         ``Database.acquire_lock``); StaleToken otherwise, and nothing is written.
         ``ack`` ("all", "majority", "leader") overrides the collection's acknowledgement
-        policy for this write in a cluster; one process has one copy.
+        policy for this write in a cluster; ``w`` (a ``replication="multi"`` collection in a
+        cluster) acknowledges once that many replicas hold it. One process has one copy.
         """
         if ack is not None:
             validation.enum_value("ack", ack, Ack)
+        if w is not None:
+            validation.int_in_range("w", w, 1, 1)
         self._db._check_open()
         with self._fenced(fence):
             return self._put_many(memories, idempotency_key)
@@ -912,12 +916,21 @@ class Collection:
         return prefix, compile_filter(filter)
 
     def get(
-        self, namespace: Namespace, key: str, consistency: Consistency | str = Consistency.STRONG
+        self,
+        namespace: Namespace,
+        key: str,
+        consistency: Consistency | str = Consistency.STRONG,
+        r: int | None = None,
     ) -> Memory | None:
         """The memory at (namespace, key) with its vector, or None if absent or expired.
-        ``consistency`` is accepted for the cluster's signature: one process has one copy,
-        always up to date."""
+
+        In a cluster (see :class:`~memcluster.core.api.Consistency`): "strong" reads at the
+        shard's leader, "session" sees this client's writes, "eventual" reads any replica,
+        and "quorum" reads ``r`` replicas of a ``replication="multi"`` collection (None: a
+        majority) and returns the newest. One process has one copy, always up to date."""
         validation.enum_value("consistency", consistency, Consistency)
+        if r is not None:
+            validation.int_in_range("r", r, 1, 1)
         shard, ns, k = self._locate(namespace, key)
         if shard is not None:
             return shard.get(ns, k)
@@ -937,6 +950,7 @@ class Collection:
         consistency: Consistency | str = Consistency.STRONG,
         nprobe: int | None = None,
         allow_partial: bool = False,
+        r: int | None = None,
     ) -> SearchResult:
         """The ``k`` memories most similar to ``vector``, best first.
 
@@ -944,8 +958,8 @@ class Collection:
         ``("team-a", "agent-7")``); ``filter`` is a metadata filter such as
         ``{"speaker": "Alice", "session": {"$gte": 3}}``, which may also bound
         ``$created_at``/``$updated_at``. Scores are higher-is-better (see Metric).
-        ``consistency`` is accepted for the same signature as the cluster's clients: one
-        process holds the only copy, so every level reads the latest write.
+        ``consistency`` and ``r`` are as in :meth:`get`: one process holds the only copy, so
+        every level reads the latest write.
 
         Only the shards that may hold a match are searched (see
         :mod:`memcluster.shard.sharding`). Under vector sharding ``nprobe`` shards are probed,
@@ -957,6 +971,8 @@ class Collection:
         cfg = self._db.config
         validation.int_in_range("k", k, 1, cfg.search_k_max)
         validation.enum_value("consistency", consistency, Consistency)
+        if r is not None:
+            validation.int_in_range("r", r, 1, 1)
         if nprobe is not None:
             validation.int_in_range("nprobe", nprobe, 0, cfg.shards_max)
         if not isinstance(allow_partial, bool):

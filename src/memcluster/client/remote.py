@@ -639,9 +639,10 @@ class AsyncCollection:
         idempotency_key: str | None = None,
         fence: tuple[str, int] | None = None,
         ack: Ack | str | None = None,
+        w: int | None = None,
     ) -> list[int]:
         """Write a batch atomically against rejection; returns the versions in input order.
-        ``ack``: see the embedded ``put_many``."""
+        ``ack``, ``w``: see the embedded ``put_many``."""
         if not memories:
             return []
         body = api.PutBody(
@@ -649,6 +650,7 @@ class AsyncCollection:
             idempotency_key=idempotency_key,
             fence=_fence(fence),
             ack=msgspec.UNSET if ack is None else validation.enum_value("ack", ack, Ack),
+            w=msgspec.UNSET if w is None else validation.int_in_range("w", w, 1, 1 << 16),
         )
         reply = await self._call("put", body, api.PutReply)
         self._keep(reply.session)
@@ -662,16 +664,21 @@ class AsyncCollection:
         return self._client.session if level is Consistency.SESSION else None
 
     async def get(
-        self, namespace: Namespace, key: str, consistency: Consistency | str = Consistency.STRONG
+        self,
+        namespace: Namespace,
+        key: str,
+        consistency: Consistency | str = Consistency.STRONG,
+        r: int | None = None,
     ) -> Memory | None:
-        """The memory at (namespace, key) with its vector, or None. ``consistency``: see
-        :class:`~memcluster.core.api.Consistency` ("eventual" reads any replica)."""
+        """The memory at (namespace, key) with its vector, or None. ``consistency``, ``r``:
+        see the embedded ``get``."""
         level = validation.enum_value("consistency", consistency, Consistency)
         body = api.GetBody(
             namespace=_as_namespace(namespace),
             key=key,
             consistency=level,
             session=self._token(level),
+            r=None if r is None else validation.int_in_range("r", r, 1, 1 << 16),
         )
         reply = await self._call("get", body, api.GetReply)
         self._keep(reply.session)
@@ -710,11 +717,14 @@ class AsyncCollection:
         consistency: Consistency | str = Consistency.STRONG,
         nprobe: int | None = None,
         allow_partial: bool = False,
+        r: int | None = None,
     ) -> SearchResult:
         """The ``k`` memories most similar to ``vector``, best first; see
         ``memcluster.Collection.search``."""
         level = validation.enum_value("consistency", consistency, Consistency)
         token = self._token(level)
+        if r is not None:
+            validation.int_in_range("r", r, 1, 1 << 16)
         body = api.SearchBody(
             vector=vector,
             k=k,
@@ -726,6 +736,7 @@ class AsyncCollection:
             # Sent only when given: a default search keeps the bytes of older versions.
             nprobe=msgspec.UNSET if nprobe is None else nprobe,
             allow_partial=allow_partial if allow_partial else msgspec.UNSET,
+            r=msgspec.UNSET if r is None else r,
         )
         reply = await self._call("search", body, api.SearchReply)
         self._keep(reply.session)

@@ -346,17 +346,22 @@ class Collection:
         idempotency_key: str | None = None,
         fence: tuple[str, int] | None = None,
         ack: Ack | str | None = None,
+        w: int | None = None,
     ) -> list[int]:
-        """Write a batch; returns the versions in input order. ``ack``: see the embedded
-        ``put_many``."""
-        return self._run(self._async.put_many(memories, idempotency_key, fence, ack))
+        """Write a batch; returns the versions in input order. ``ack``, ``w``: see the
+        embedded ``put_many``."""
+        return self._run(self._async.put_many(memories, idempotency_key, fence, ack, w))
 
     def get(
-        self, namespace: Namespace, key: str, consistency: Consistency | str = Consistency.STRONG
+        self,
+        namespace: Namespace,
+        key: str,
+        consistency: Consistency | str = Consistency.STRONG,
+        r: int | None = None,
     ) -> Memory | None:
-        """The memory at (namespace, key) with its vector, or None. ``consistency``: see
-        :class:`~memcluster.core.api.Consistency` ("eventual" reads any replica)."""
-        return self._run(self._async.get(namespace, key, consistency))
+        """The memory at (namespace, key) with its vector, or None. ``consistency``, ``r``:
+        see the embedded ``get``."""
+        return self._run(self._async.get(namespace, key, consistency, r))
 
     def delete(self, namespace: Namespace, key: str, fence: tuple[str, int] | None = None) -> bool:
         """Delete the memory at (namespace, key); True if it existed."""
@@ -378,12 +383,21 @@ class Collection:
         consistency: Consistency | str = Consistency.STRONG,
         nprobe: int | None = None,
         allow_partial: bool = False,
+        r: int | None = None,
     ) -> SearchResult:
         """The ``k`` memories most similar to ``vector``, best first; see
         ``memcluster.Collection.search``."""
         return self._run(
             self._async.search(
-                vector, k, namespace, filter, include_vectors, consistency, nprobe, allow_partial
+                vector,
+                k,
+                namespace,
+                filter,
+                include_vectors,
+                consistency,
+                nprobe,
+                allow_partial,
+                r,
             )
         )
 

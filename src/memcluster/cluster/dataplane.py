@@ -375,7 +375,7 @@ class DataPlane:
         seqs: dict[int, int] = {}
         ack = None if b.ack is None else Ack(b.ack)
         versions = self.host.put(
-            b.collection, b.batches, b.idempotency_key, b.fence, b.version_floors, seqs, ack
+            b.collection, b.batches, b.idempotency_key, b.fence, b.version_floors, seqs, ack, b.w
         )
         return wire.ShardPutReply(versions, seqs)
 

@@ -105,9 +105,10 @@ class State(enum.Enum):
 class Replication(Protocol):
     """What a replicated shard's driver offers the host (``cluster.replicas``)."""
 
-    def wait(self, seq: int, ack: Ack | None = None) -> None:
+    def wait(self, seq: int, ack: Ack | None = None, w: int | None = None) -> None:
         """Block until the write that ended at ``seq`` is acknowledged as ``ack`` (default:
-        the collection's) asks; WrongNode (leadership moved) or Timeout if it cannot be."""
+        the collection's) asks, or held by ``w`` replicas (``multi`` shards); WrongNode
+        (leadership moved) or Timeout if it cannot be."""
         ...
 
     def barrier(self) -> None:
@@ -138,10 +139,10 @@ class Hosted:
         """Set for a replicated shard's replica."""
         shard.write_gate = self._gate
 
-    def replicated(self, seq: int, ack: Ack | None = None) -> None:
+    def replicated(self, seq: int, ack: Ack | None = None, w: int | None = None) -> None:
         """Wait until the write that ended at ``seq`` may be acknowledged."""
         if self.replication is not None:
-            self.replication.wait(seq, ack)
+            self.replication.wait(seq, ack, w)
 
     def _gate(self) -> None:
         if self.state is not State.ACTIVE:
@@ -516,6 +517,7 @@ class ShardHost:
         version_floors: Mapping[int, int] | None = None,
         seqs: dict[int, int] | None = None,
         ack: Ack | None = None,
+        w: int | None = None,
     ) -> dict[int, list[int]]:
         """Write each shard's memories; returns each shard's versions in input order.
         ``version_floors``: per shard, a version its new versions must exceed. ``seqs``, if
@@ -555,7 +557,7 @@ class ShardHost:
             for shard, token in tokens:
                 shard.commit(token)
         for h, seq in written:
-            h.replicated(seq, ack)
+            h.replicated(seq, ack, w)
             if seqs is not None:
                 seqs[h.id[1]] = seq
         return out

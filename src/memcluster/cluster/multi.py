@@ -26,7 +26,7 @@ from memcluster.cluster.coordinator import Compare, Coordinator, Put
 from memcluster.cluster.host import Hosted, State, shard_name
 from memcluster.cluster.keys import ShardAssignment, assignment_key, encode
 from memcluster.core.codec import Record
-from memcluster.core.errors import MemclusterError, Timeout, WrongNode
+from memcluster.core.errors import InvalidArgument, MemclusterError, Timeout, WrongNode
 from memcluster.replication.multi import (
     Exchange,
     Kind,
@@ -111,12 +111,18 @@ class MultiDriver:
             self.sync.wrote()
         self.loop.call_soon_threadsafe(self._wake.set)
 
-    def wait(self, seq: int, ack: object = None) -> None:
-        """Block until the write that ended at ``seq`` is on ``W`` replicas."""
+    def wait(self, seq: int, ack: object = None, w: int | None = None) -> None:
+        """Block until the write that ended at ``seq`` is on ``W`` replicas: ``w``, else
+        as ``ack`` (else the collection's) says."""
         policy = self.ack if ack is None else str(getattr(ack, "value", ack))
         with self._lock:
             replicas = len(self.sync.peers) + 1
-        quorum = write_quorum(policy, replicas)
+        if w is not None and w > replicas:
+            raise InvalidArgument(
+                f"w={w}: shard {self.name} has {replicas} replicas; give 1 to {replicas}"
+            )
+        quorum = write_quorum(policy, replicas) if w is None else w
+        label = f"ack={policy!r}" if w is None else f"w={w}"
         if quorum <= 1:
             return
         with self.shard.lock:
@@ -129,10 +135,10 @@ class MultiDriver:
                 if self._closed or left <= 0:
                     raise Timeout(
                         f"shard {self.name}: the write is on {self.sync.copies(oseq)} of"
-                        f" {replicas} replicas, ack={policy!r} needs {quorum}"
+                        f" {replicas} replicas, {label} needs {quorum}"
                         f"{'' if not self._closed else ' (this node stopped replicating it)'};"
                         " it stays written and reaches the others when they answer. Use"
-                        " ack='majority' or 'leader' to need fewer copies"
+                        " ack='majority' or a lower w to need fewer copies"
                     )
                 self._changed.wait(min(left, 0.05))
 

@@ -314,7 +314,8 @@ class ReplicaDriver:
         with self._lock:
             return self.replica.committed()
 
-    def wait(self, seq: int, ack: Ack | None = None) -> None:
+    def wait(self, seq: int, ack: Ack | None = None, w: int | None = None) -> None:
+        """``w`` is for ``multi`` shards (the router refuses it for others)."""
         deadline = time.monotonic() + self.write_timeout_s
         if self._closed:
             raise WrongNode(

@@ -32,6 +32,8 @@ class ShardPut(msgspec.Struct, kw_only=True):
     version_floors: dict[int, int] = {}
     """Per shard: versions given there must be above this (memories moving in keep counting
     up from their version in the shard they leave)."""
+    w: int | None = None
+    """``replication="multi"``: acknowledge once this many replicas hold the write."""
 
 
 class ShardPutReply(msgspec.Struct):

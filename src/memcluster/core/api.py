@@ -142,6 +142,9 @@ class PutBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ack: Ack | msgspec.UnsetType = msgspec.UNSET
     """Replicated collections: when this write is acknowledged (default: the collection's
     ``ack``). Sent only when given."""
+    w: int | msgspec.UnsetType = msgspec.UNSET
+    """``replication="multi"`` collections: acknowledge once this many replicas hold the
+    write (W; overrides ``ack``). Sent only when given."""
 
 
 class PutCall(PutBody, kw_only=True):
@@ -168,6 +171,9 @@ class GetBody(KeyBody, kw_only=True, omit_defaults=True):
     """See :class:`Consistency` (a strong get has the bytes of protocol v1)."""
     session: str | None = None
     """``consistency="session"``: the session token (HTTP: or the Memcluster-Session header)."""
+    r: int | None = None
+    """``consistency="quorum"`` on ``replication="multi"`` collections: how many replicas
+    to read (R; None: a majority)."""
 
 
 class GetCall(GetBody, kw_only=True):
@@ -214,6 +220,9 @@ class SearchBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     consistency: Consistency = Consistency.STRONG
     session: str | msgspec.UnsetType | None = msgspec.UNSET
     """``consistency="session"``: the session token (HTTP: or the Memcluster-Session header)."""
+    r: int | msgspec.UnsetType | None = msgspec.UNSET
+    """``consistency="quorum"`` on ``replication="multi"`` collections: how many replicas
+    to read (R; unset or None: a majority). Sent only when given."""
     nprobe: int | msgspec.UnsetType | None = msgspec.UNSET
     """Vector-sharded collections: how many nearest-centroid shards to search (unset or None:
     the collection's ``nprobe``; 0 or >= shards: all of them, an exact plan). Unset fields

@@ -43,9 +43,16 @@ class StoreCollection(Protocol):
         idempotency_key: str | None = None,
         fence: tuple[str, int] | None = None,
         ack: str | None = None,
+        *,
+        w: int | None = None,
     ) -> list[int]: ...
     def get(
-        self, namespace: tuple[str, ...], key: str, consistency: str = "strong"
+        self,
+        namespace: tuple[str, ...],
+        key: str,
+        consistency: str = "strong",
+        *,
+        r: int | None = None,
     ) -> Memory | None: ...
     def delete(
         self, namespace: tuple[str, ...], key: str, fence: tuple[str, int] | None = None
@@ -66,6 +73,8 @@ class StoreCollection(Protocol):
         consistency: str = "strong",
         nprobe: int | None = None,
         allow_partial: bool = False,
+        *,
+        r: int | None = None,
     ) -> list[Hit]: ...
     def list(
         self,
@@ -308,7 +317,8 @@ class Service:
     def _put(self, collection: str, body: api.PutBody) -> api.PutReply:
         coll = self.store.collection(collection)
         ack = None if body.ack is msgspec.UNSET else body.ack
-        versions = coll.put_many(body.memories, body.idempotency_key, body.fence, ack)
+        w = None if body.w is msgspec.UNSET else body.w
+        versions = coll.put_many(body.memories, body.idempotency_key, body.fence, ack, w=w)
         token = getattr(versions, "session", None)  # a cluster's Written
         return api.PutReply(list(versions), token or msgspec.UNSET)
 
@@ -318,7 +328,7 @@ class Service:
         if body.consistency is Consistency.SESSION and with_session is not None:
             memory, token = with_session(body.namespace, body.key, body.consistency, body.session)
             return api.GetReply(memory, token or msgspec.UNSET)
-        return api.GetReply(coll.get(body.namespace, body.key, body.consistency))
+        return api.GetReply(coll.get(body.namespace, body.key, body.consistency, r=body.r))
 
     def _delete(self, collection: str, body: api.DeleteBody) -> api.DeleteReply:
         coll = self.store.collection(collection)
@@ -345,6 +355,7 @@ class Service:
             body.consistency,
             None if body.nprobe is msgspec.UNSET else body.nprobe,
             body.allow_partial is True,
+            r=None if body.r is msgspec.UNSET else body.r,
             **extra,
         )
         token = getattr(hits, "session", None)

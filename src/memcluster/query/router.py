@@ -696,11 +696,21 @@ class ClusterCollection:
         idempotency_key: str | None = None,
         fence: tuple[str, int] | None = None,
         ack: Ack | str | None = None,
+        w: int | None = None,
     ) -> list[int]:
         """``ack``: this write's acknowledgement policy on a replicated collection ("all",
-        "majority", "leader"; None: the collection's)."""
+        "majority", "leader"; None: the collection's). ``w``: a ``multi`` collection's write
+        quorum (acknowledged once this many replicas hold it)."""
         cfg = self._store.config
         level = None if ack is None else validation.enum_value("ack", ack, Ack)
+        if w is not None:
+            validation.int_in_range("w", w, 1, self.config.replication_factor)
+            if not self._multi():
+                raise InvalidArgument(
+                    f"w= is for replication='multi' collections; {self.name!r} has"
+                    f" replication={self.config.replication.value!r}: use ack='all',"
+                    " 'majority' or 'leader'"
+                )
         if len(memories) > cfg.batch_items_max:
             raise PayloadTooLarge(
                 f"batch has {len(memories)} memories; the limit is {cfg.batch_items_max}: split it"
@@ -716,7 +726,7 @@ class ClusterCollection:
         idem = idempotency_key or f"auto-{uuid.uuid4().hex}"
         if self._sharder.keyed:
             placed = [self._sharder.key_shard(p.namespace, p.key) or 0 for p in prepared]
-            return self._write(list(memories), placed, idem, checked, reroute=True, ack=level)
+            return self._write(list(memories), placed, idem, checked, reroute=True, ack=level, w=w)
         return self._put_moving(memories, prepared, matrix, idem, checked, level)
 
     def _write(
@@ -729,6 +739,7 @@ class ClusterCollection:
         reroute: bool,
         floors: dict[int, int] | None = None,
         ack: Ack | None = None,
+        w: int | None = None,
     ) -> list[int]:
         """Write each memory to its placed shard, one request per node; the versions.
         ``floors``: per shard, a version the new versions there must exceed."""
@@ -749,6 +760,7 @@ class ClusterCollection:
                 fence=fence,
                 version_floors={n: floors[n] for n in group if n in floors},
                 ack=None if ack is None else ack.value,
+                w=w,
             ),
             wire.ShardPutReply,
             reroute=reroute,
@@ -904,8 +916,9 @@ class ClusterCollection:
         key: str,
         consistency: Consistency | str = Consistency.STRONG,
         token: str | None = None,
+        r: int | None = None,
     ) -> Memory | None:
-        return self.get_with_session(namespace, key, consistency, token)[0]
+        return self.get_with_session(namespace, key, consistency, token, r)[0]
 
     def get_with_session(
         self,
@@ -913,17 +926,19 @@ class ClusterCollection:
         key: str,
         consistency: Consistency | str = Consistency.STRONG,
         token: str | None = None,
+        r: int | None = None,
     ) -> tuple[Memory | None, str | None]:
-        """The memory, and for a session read the session token updated with what it saw."""
+        """The memory, and for a session read the session token updated with what it saw.
+        ``r``: a quorum read's replicas (``multi`` collections; None: a majority)."""
         ns, k = self._key(namespace, key)
-        level = self._level(consistency)
+        level = self._level(consistency, r)
         eventual = level is Consistency.EVENTUAL
         shards = self._key_shards(ns, k)
         if self._multi() and level is Consistency.QUORUM:
             quorum = self._store.quorum(
                 self.name,
                 shards,
-                None,
+                r,
                 "shard.get",
                 lambda group: wire.ShardGet(
                     collection=self.name, shards=group, namespace=ns, key=k, eventual=True
@@ -964,10 +979,17 @@ class ClusterCollection:
         config = self._store.map.current.collections.get(self.name, self.config)
         return config.replication is Replication.MULTI
 
-    def _level(self, consistency: Consistency | str) -> Consistency:
+    def _level(self, consistency: Consistency | str, r: int | None) -> Consistency:
         """The read level asked for; InvalidArgument for one a ``multi`` collection cannot
-        give (its replicas take writes independently: no replica has them all at once)."""
+        give (its replicas take writes independently: no replica has them all at once), or
+        for ``r`` outside a ``multi`` collection's quorum read."""
         level = validation.enum_value("consistency", consistency, Consistency)
+        if r is not None and not (self._multi() and level is Consistency.QUORUM):
+            raise InvalidArgument(
+                f"r={r} is for consistency='quorum' reads of replication='multi' collections;"
+                f" this read is consistency={level.value!r} on a"
+                f" replication={self.config.replication.value!r} collection"
+            )
         if self._multi() and level in (Consistency.STRONG, Consistency.SESSION):
             raise InvalidArgument(
                 f"collection {self.name!r} has replication='multi': it offers no"
@@ -1030,12 +1052,13 @@ class ClusterCollection:
         nprobe: int | None = None,
         allow_partial: bool = False,
         token: str | None = None,
+        r: int | None = None,
     ) -> SearchResult:
         """``consistency="session"`` with ``token``: see ``memcluster.core.session``; the
         result's ``session`` is the token raised to what this search saw."""
         cfg = self._store.config
         validation.int_in_range("k", k, 1, cfg.search_k_max)
-        level = self._level(consistency)
+        level = self._level(consistency, r)
         eventual = level is Consistency.EVENTUAL
         if nprobe is not None:
             validation.int_in_range("nprobe", nprobe, 0, cfg.shards_max)
@@ -1072,7 +1095,7 @@ class ClusterCollection:
             replies = self._store.quorum(
                 self.name,
                 shards,
-                None,
+                r,
                 "shard.search",
                 lambda group: wire.ShardSearch(
                     collection=self.name,
