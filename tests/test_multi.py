@@ -5,6 +5,7 @@ the levels a multi collection cannot give are refused with errors that say what 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -167,6 +168,12 @@ def test_every_replica_takes_writes_and_concurrent_writes_converge(cluster: Clus
     )
     assert len(hits) == 5
     assert len({(h.memory.key) for h in hits}) == 5
+    done = cluster.cli("status", "--json")
+    assert done.returncode == 0, done.stderr
+    shards = [s for s in json.loads(done.stdout)["shards"] if s["collection"] == "mm"]
+    rows = [(r["role"], r["state"], r["lag"]) for s in shards for r in s["replicas"]]
+    print(f"status of mm: {rows}")
+    assert rows == [("peer", "in-sync", 0)] * 6
 
 
 def test_a_killed_replica_stops_no_writes_and_catches_up_when_back(cluster: Cluster) -> None:

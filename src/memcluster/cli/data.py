@@ -70,9 +70,10 @@ from memcluster.cluster.view import (
     cluster_view,
 )
 from memcluster.core import api
+from memcluster.core.api import Consistency
 from memcluster.core.config import Config
 from memcluster.core.errors import MemclusterError
-from memcluster.core.types import CollectionInfo, Eviction, Hit, Memory, Metric
+from memcluster.core.types import CollectionInfo, Eviction, Hit, Memory, Metric, Replication
 
 DEFAULT_URL = "http://127.0.0.1:7700"
 TEXT_SHOWN_CHARS_MAX = 60
@@ -520,12 +521,20 @@ def collections_group(ctx: click.Context, target: Target) -> None:
     help="Copies of each shard on distinct nodes (a cluster).",
 )
 @click.option(
+    "--replication",
+    type=click.Choice([r.value for r in Replication]),
+    default=Replication.LEADER.value,
+    show_default=True,
+    help="How replicas stay in step: leader (leader-follower), chain (head to tail), or multi"
+    " (every replica takes writes, last writer wins; reads use consistency quorum/eventual).",
+)
+@click.option(
     "--ack",
     type=click.Choice(["all", "majority", "leader"]),
     default="all",
     show_default=True,
     help="When a replicated write is acknowledged: all in-sync replicas, a majority, or the"
-    " leader alone.",
+    " leader alone (multi: all replicas, a majority, or the one that took it).",
 )
 @target_options
 def collections_create(
@@ -538,6 +547,7 @@ def collections_create(
     capacity_items: int | None,
     eviction: str,
     replication_factor: int,
+    replication: str,
     ack: str,
 ) -> None:
     """Create collection NAME for vectors of --dim numbers.
@@ -548,6 +558,8 @@ def collections_create(
       memcluster collections create scratch --dim 8 --metric l2 --ttl-s 3600 \\
           --capacity-items 100000 --eviction lru
       memcluster collections create shared --dim 384 --shards 4 --replication-factor 3
+      memcluster collections create notes --dim 384 --replication-factor 3 \\
+          --replication multi --ack majority
     """
     with connect(target) as client:
         info = client.create_collection(
@@ -559,6 +571,7 @@ def collections_create(
             capacity_items=capacity_items,
             eviction=eviction,
             replication_factor=replication_factor,
+            replication=replication,
             ack=ack,
         ).describe()
     if target.as_json:
@@ -641,14 +654,30 @@ def put_command(
         click.echo(f"version {version}")
 
 
+CONSISTENCY = click.option(
+    "--consistency",
+    type=click.Choice([c.value for c in Consistency]),
+    default=Consistency.STRONG.value,
+    show_default=True,
+    help="In a cluster: strong (the leader), eventual (any replica), quorum (the newest of a"
+    " majority of replicas: for replication=multi collections, which refuse strong).",
+)
+
+
 @click.command("get")
 @click.argument("collection")
 @click.argument("namespace", type=NAMESPACE)
 @click.argument("key")
 @click.option("--vectors", is_flag=True, help="Include the vector.")
+@CONSISTENCY
 @target_options
 def get_command(
-    target: Target, collection: str, namespace: tuple[str, ...], key: str, vectors: bool
+    target: Target,
+    collection: str,
+    namespace: tuple[str, ...],
+    key: str,
+    vectors: bool,
+    consistency: str,
 ) -> None:
     """Print the memory at NAMESPACE (such as team-a/agent-7) and KEY; exit 1 if there is none.
 
@@ -656,9 +685,10 @@ def get_command(
     Examples:
       memcluster get memories team-a/agent-7 m1
       memcluster get memories team-a/agent-7 m1 --vectors --json
+      memcluster get notes team-a/agent-7 m1 --consistency quorum
     """
     with connect(target) as client:
-        memory = client.collection(collection).get(namespace, key)
+        memory = client.collection(collection).get(namespace, key, consistency)
     if memory is None:
         raise Failure(f"not found: {_ns(namespace)} {key!r} in collection {collection!r}")
     if not vectors:
@@ -700,6 +730,7 @@ def get_command(
 @click.option("--namespace", type=NAMESPACE, help="Only memories under this namespace prefix.")
 @click.option("--filter", "filter_", type=OBJECT, help="Metadata filter, a JSON object.")
 @click.option("--vectors", is_flag=True, help="Include the hits' vectors.")
+@CONSISTENCY
 @target_options
 def search_command(
     target: Target,
@@ -709,6 +740,7 @@ def search_command(
     namespace: tuple[str, ...] | None,
     filter_: dict[str, Any] | None,
     vectors: bool,
+    consistency: str,
 ) -> None:
     """Find the K memories of COLLECTION most similar to --vector, best first.
 
@@ -720,7 +752,7 @@ def search_command(
     """
     with connect(target) as client:
         hits = client.collection(collection).search(
-            vector, k, namespace, filter_, include_vectors=vectors
+            vector, k, namespace, filter_, include_vectors=vectors, consistency=consistency
         )
     if target.as_json:
         print_json(hits)
