@@ -260,3 +260,67 @@ def test_what_a_multi_collection_cannot_do_is_refused_with_a_clear_error(
             boundaries=[0.0],
             replication="multi",
         )
+
+
+def _assignment(cluster: Cluster, collection: str, shard: int = 0) -> ShardAssignment | None:
+    for view in cluster.view().shards:
+        if (view.collection, view.shard) == (collection, shard):
+            return view.assignment
+    return None
+
+
+def test_a_lost_replica_is_rebuilt_and_a_drained_one_hands_its_writes_over(
+    cluster: Cluster,
+) -> None:
+    """RF 3 on 4 nodes, 3 s grace: kill -9 a replica; the controller gives its place to the
+    fourth node, which receives the whole state from a peer (a state transfer: the new
+    replica has none of the log) and is admitted in sync. Then drain a node that took
+    writes: it stops taking them, pushes them to the others, and leaves."""
+    cluster.node_args = ["--rereplicate-after", "3"]
+    cluster.add_nodes("n1", "n2", "n3", "n4")
+    client = cluster.client("n1", "binary")
+    client.create_collection("mx", dim=4, replication_factor=3, replication="multi", ack="majority")
+    _placed(cluster, "mx", 1)
+    first = _assignment(cluster, "mx")
+    assert first is not None
+    spare = next(n for n in ("n1", "n2", "n3", "n4") if n not in first.replicas)
+    victim = next(n for n in first.replicas if n != "n1")
+    writers = [Writer(cluster, n, "mx") for n in first.replicas]
+    for w in writers:
+        with w:
+            w.wait_acked(60)
+    cluster.kill(victim)
+    with Writer(cluster, "n1", "mx") as late:
+        late.wait_acked(50)
+    rebuilt = cluster.wait_for(
+        lambda: (
+            (a := _assignment(cluster, "mx")) is not None
+            and spare in a.in_sync
+            and victim not in a.replicas
+            and a
+        ),
+        60.0,
+        f"{spare} replacing {victim}",
+    )
+    assert isinstance(rebuilt, ShardAssignment)
+    final = _converged(cluster, tuple(rebuilt.replicas), "mx")
+    _check_last_writer_wins(final, [*writers, late])
+    # Drain a replica that takes writes right up to the drain.
+    leaving = next(n for n in rebuilt.replicas if n != "n1")
+    with Writer(cluster, leaving, "mx") as last:
+        last.wait_acked(50)
+        done = cluster.cli("drain", leaving, "--timeout", "60")
+    assert done.returncode == 0, done.stderr
+    after = cluster.wait_for(
+        lambda: (
+            (a := _assignment(cluster, "mx")) is not None
+            and leaving not in a.replicas
+            and len(a.in_sync) == 2
+            and a
+        ),
+        60.0,
+        f"{leaving} drained",
+    )
+    assert isinstance(after, ShardAssignment)
+    final = _converged(cluster, tuple(after.replicas), "mx")
+    _check_last_writer_wins(final, [*writers, late, last])
