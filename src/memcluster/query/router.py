@@ -60,6 +60,7 @@ from memcluster.core.config import Config
 from memcluster.core.errors import (
     CollectionExists,
     CollectionNotFound,
+    CursorExpired,
     InvalidArgument,
     LeaseExpired,
     MemclusterError,
@@ -103,6 +104,19 @@ ROUTE_DEADLINE_S = 15.0
 
 _READS = frozenset({"shard.get", "shard.search", "shard.count", "shard.list", "shard.stats"})
 """Operations a chain's tail answers (writes go to its head)."""
+_ANY_MULTI_REPLICA = frozenset(
+    {
+        "shard.put",
+        "shard.delete",
+        "shard.delete_where",
+        "shard.get",
+        "shard.search",
+        "shard.count",
+        "shard.list",
+    }
+)
+"""Operations any replica of a ``multi`` shard answers, this node's first (``shard.stats``,
+which gives change-feed positions, goes to the map's leader, as subscriptions do)."""
 
 
 def _strong_reader(
@@ -189,7 +203,8 @@ class ClusterStore:
             snap = self.map.current
             config = snap.collections.get(collection)
             if config is not None and config.replication is Replication.MULTI:
-                any_replica = True  # every replica takes writes and answers reads
+                # Every replica takes writes and answers reads.
+                any_replica = any_replica or kind in _ANY_MULTI_REPLICA
             groups: dict[str, list[int]] = {}
             waiting: list[int] = []
             for n in pending:
@@ -1227,6 +1242,8 @@ class ClusterCollection:
         positions = decode_cursor(cursor, name, shard_count())
 
         def open_shard(n: int, position: int) -> StreamReader:
+            served_by: list[str] = []
+
             def shard_cursor(seq: int) -> str:
                 # Shard n's stream reads only its own position; naming no later shard keeps
                 # the cursor valid at a node that has not seen a split yet.
@@ -1245,6 +1262,16 @@ class ClusterCollection:
                 owner = snap.owner(name, n)
                 if owner is None or owner not in snap.nodes:
                     raise ShardUnavailable(f"shard {name}/{n:04d}: its node {owner} is not up")
+                config = snap.collections.get(name)
+                multi = config is not None and config.replication is Replication.MULTI
+                if multi and served_by and served_by[-1] != owner:
+                    raise CursorExpired(
+                        f"change feed of shard {name}/{n:04d}: the replica serving it moved"
+                        f" from {served_by[-1]} to {owner}, and a replication='multi'"
+                        " collection's feed positions are one replica's own: subscribe again"
+                        " from a new cursor (changes in between may be missed)"
+                    )
+                served_by.append(owner)
                 if owner == store.node_id:
                     stream = store.dp.subscribe(body)
                 else:
