@@ -324,3 +324,27 @@ def test_a_lost_replica_is_rebuilt_and_a_drained_one_hands_its_writes_over(
     assert isinstance(after, ShardAssignment)
     final = _converged(cluster, tuple(after.replicas), "mx")
     _check_last_writer_wins(final, [*writers, late, last])
+
+
+def test_the_change_feed_of_a_multi_collection_has_every_replicas_writes_once(
+    cluster: Cluster,
+) -> None:
+    """Writes taken by three different replicas all reach the feed (served by one replica),
+    each once; a write that loses last-writer-wins on arrival is not an event."""
+    cluster.add_nodes(*NODES)
+    client = cluster.client("n1", "binary")
+    client.create_collection("mf", dim=4, replication_factor=3, replication="multi")
+    _placed(cluster, "mf", 1)
+    coll = client.collection("mf")
+    cursor = coll.feed_cursor()
+    for node in NODES:
+        mine = cluster.client(node, "binary").collection("mf")
+        mine.put_many([_memory(f"{node}-{i}", node) for i in range(20)], w=1)
+    events = []
+    deadline = time.monotonic() + 30
+    while len({e.key for e in events}) < 60 and time.monotonic() < deadline:
+        events.extend(coll.subscribe(cursor=cursor, idle_timeout_s=0.5))
+        if events:
+            cursor = events[-1].cursor
+    keys = [e.key for e in events]
+    assert sorted(keys) == sorted(f"{n}-{i}" for n in NODES for i in range(20))
