@@ -69,7 +69,7 @@ async def _run(
             tasks.create_task(shard_map.run())
             await shard_map.loaded.wait()
             tasks.create_task(dataplane.run())
-            tasks.create_task(
+            server = tasks.create_task(
                 serve(
                     store,
                     config,
@@ -111,6 +111,11 @@ async def _run(
             controller.stop()
             dataplane.stop()
             await member.leave()
+            # Requests still in flight here re-route shards this node no longer serves (a
+            # coordination call forwarded by another node, a write through this node): they
+            # need the failover the lease revocation starts, so the map is followed until
+            # the server has drained them, not frozen at the map before it.
+            await asyncio.wait([server])
             shard_map.stop()
         # The server has drained its requests here (the task group waited for it).
     finally:
@@ -185,7 +190,8 @@ def node_command(
 
     The node renews its lease every third of `node_lease_ttl_s` (5 s): that is its
     heartbeat, and a node that stops renewing is seen as down when the lease expires. On
-    SIGTERM or Ctrl-C it leaves at once (revokes its lease), then shuts down gracefully.
+    SIGTERM or Ctrl-C it leaves at once (revokes its lease), then shuts down gracefully,
+    following the shard map until its requests are done (so they reach new leaders).
     The node holds the shards the controller gives it under DATA/shards, and answers any
     request for any collection, forwarding to the nodes that hold the shards.
 
