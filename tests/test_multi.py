@@ -340,7 +340,7 @@ def test_the_change_feed_of_a_multi_collection_has_every_replicas_writes_once(
     for node in NODES:
         mine = cluster.client(node, "binary").collection("mf")
         mine.put_many([_memory(f"{node}-{i}", node) for i in range(20)], w=1)
-    events = []
+    events: list[memcluster.Event] = []
     deadline = time.monotonic() + 30
     while len({e.key for e in events}) < 60 and time.monotonic() < deadline:
         events.extend(coll.subscribe(cursor=cursor, idle_timeout_s=0.5))

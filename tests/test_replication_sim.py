@@ -37,6 +37,7 @@ from memcluster.replication.leader import (
     ConfigUpdate,
     Entry,
     Event,
+    Gone,
     MemoryLog,
     Message,
     Propose,
@@ -455,3 +456,21 @@ def test_the_chain_checks_catch_a_broken_rule(broken: str, seed: int) -> None:
                 break
     print(f"{caught} chain runs (of at most {runs}) caught the broken {broken}")
     assert caught > 0
+
+
+def test_a_follower_whose_node_left_is_proposed_out_at_once() -> None:
+    """A follower whose node's lease ended (a graceful stop) will never acknowledge: the
+    leader proposes it out of the in-sync set at once, not after ``ack_timeout``; a chain
+    leaves that to the controller."""
+    config = Config(
+        version=1, epoch=1, leader="a", replicas=("a", "b", "c"), in_sync=("a", "b", "c")
+    )
+    for chain in (False, True):
+        leader = Replica("a", config, ack=Ack.ALL, ack_timeout=5.0, log=MemoryLog(), chain=chain)
+        leader.handle(Tick(0.0))
+        actions = leader.handle(Gone(frozenset({"b"})))
+        proposals = [a for a in actions if isinstance(a, Propose)]
+        if chain:
+            assert proposals == []
+        else:
+            assert [p.config.in_sync for p in proposals] == [("a", "c")]

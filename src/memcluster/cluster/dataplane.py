@@ -825,12 +825,13 @@ class DataPlane:
             self.replicas[shard_id] = driver
             if isinstance(shard, CoordShard):
                 shard.replicated = driver.wait
-        elif self._revisions.get(shard_id) == revision:
-            return
-        self._revisions[shard_id] = revision
-        new_state = await self._run(driver.update, assignment, revision)
-        # Off the loop: the shard's lock may be held by a writer waiting for acknowledgements.
-        await self._run(self.host.set_state, shard_id, new_state)
+        if self._revisions.get(shard_id) != revision:
+            self._revisions[shard_id] = revision
+            new_state = await self._run(driver.update, assignment, revision)
+            # Off the loop: the shard's lock may be held by a writer waiting for acks.
+            await self._run(self.host.set_state, shard_id, new_state)
+        down = frozenset(n for n in assignment.replicas if n not in snap.nodes)
+        await self._run(driver.nodes_down, down)
 
     @staticmethod
     def _is_multi(snap: Snapshot, shard_id: ShardId) -> bool:

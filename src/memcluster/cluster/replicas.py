@@ -56,6 +56,7 @@ from memcluster.replication.leader import (
     Config,
     ConfigUpdate,
     Entry,
+    Gone,
     Propose,
     Receive,
     Replica,
@@ -292,6 +293,7 @@ class ReplicaDriver:
             chain=chain,
         )
         self.resyncing = False
+        self._down: tuple[frozenset[str], bool, int] = (frozenset(), False, 0)
         self._closed = False
         self._notified = 0
         self._tasks: set[asyncio.Future[None]] = set()
@@ -468,6 +470,18 @@ class ReplicaDriver:
             self._act(actions)
 
     # -- the map and the peers -------------------------------------------------------------
+
+    def nodes_down(self, down: frozenset[str]) -> None:
+        """The shard's replicas whose nodes are not in the cluster now: a leader stops
+        waiting for them at once (a follower that stopped gracefully costs no write a
+        timeout)."""
+        with self._lock:
+            seen = (down, self.replica.is_leader, self.replica.epoch)
+            if seen == self._down:
+                return
+            self._down = seen
+            actions = self.replica.handle(Gone(down))
+        self._act(actions)
 
     def update(self, assignment: ShardAssignment, revision: int) -> State:
         """A new shard-map entry: returns the state the host should give the shard. (Not

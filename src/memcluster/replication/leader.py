@@ -39,6 +39,7 @@ named by its last one (a shard's WAL record of several operations is one entry).
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Collection, Iterator, Sequence
 from typing import Protocol
 
@@ -219,7 +220,15 @@ class ConfigUpdate(msgspec.Struct, frozen=True):
     config: Config
 
 
-Event = Write | Receive | Tick | ConfigUpdate
+class Gone(msgspec.Struct, frozen=True):
+    """These replicas' nodes left the cluster (their etcd lease ended: a graceful stop or a
+    failure seen by etcd): no acknowledgement will come from them, so the leader proposes
+    them out of the in-sync set now instead of after ``ack_timeout``."""
+
+    nodes: frozenset[str]
+
+
+Event = Write | Receive | Tick | ConfigUpdate | Gone
 
 
 class Send(msgspec.Struct, frozen=True):
@@ -357,6 +366,12 @@ class Replica:
                 return self._tick()
             case ConfigUpdate():
                 return self._config(event.config)
+            case Gone():
+                if not self.is_leader or self.chain:
+                    return []  # a chain's links are cut by the controller
+                for node in event.nodes & set(self._followers()):
+                    self._waiting_since[node] = -math.inf
+                return self._tick()
         raise AssertionError(event)  # pragma: no cover
 
     def _write(self, w: Write) -> list[Action]:
