@@ -885,11 +885,11 @@ class DataPlane:
                 loop=asyncio.get_running_loop(),
             )
             self.multis[shard_id] = driver
-        elif self._revisions.get(shard_id) == revision:
-            return
-        self._revisions[shard_id] = revision
-        new_state = driver.update(assignment, revision)
-        await self._run(self.host.set_state, shard_id, new_state)
+        if self._revisions.get(shard_id) != revision:
+            self._revisions[shard_id] = revision
+            new_state = driver.update(assignment, revision)
+            await self._run(self.host.set_state, shard_id, new_state)
+        driver.nodes_down(frozenset(n for n in assignment.replicas if n not in snap.nodes))
 
     async def _resign(self, shard_id: ShardId) -> None:
         """This node restarted as the leader of a replicated shard: it may have lost writes

@@ -96,6 +96,7 @@ class MultiDriver:
         self.assignment = assignment
         self.revision = revision
         self._closed = False
+        self._down: frozenset[str] = frozenset()
         self._proposing = False
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -113,7 +114,9 @@ class MultiDriver:
 
     def wait(self, seq: int, ack: object = None, w: int | None = None) -> None:
         """Block until the write that ended at ``seq`` is on ``W`` replicas: ``w``, else
-        as ``ack`` (else the collection's) says."""
+        as ``ack`` (else the collection's) says: "all" is every replica whose node is up (a
+        dead node's replica leaves the count once its etcd lease ends, as a dead follower
+        leaves the in-sync set), "majority" a majority of all replicas, up or not."""
         policy = self.ack if ack is None else str(getattr(ack, "value", ack))
         with self._lock:
             replicas = len(self.sync.peers) + 1
@@ -121,21 +124,29 @@ class MultiDriver:
             raise InvalidArgument(
                 f"w={w}: shard {self.name} has {replicas} replicas; give 1 to {replicas}"
             )
-        quorum = write_quorum(policy, replicas) if w is None else w
         label = f"ack={policy!r}" if w is None else f"w={w}"
-        if quorum <= 1:
-            return
+
+        def quorum() -> int:  # under self._lock: the peers and the down set may change
+            if w is not None:
+                return w
+            every = len(self.sync.peers) + 1
+            up = every - len(self._down & set(self.sync.peers))
+            return write_quorum(policy, up if policy == "all" else every)
+
+        with self._lock:
+            if quorum() <= 1:
+                return
         with self.shard.lock:
             assert self.shard.lww is not None
             oseq = self.shard.lww.own_upto(seq)
         deadline = time.monotonic() + self.write_timeout_s
         with self._changed:
-            while self.sync.copies(oseq) < quorum:
+            while (copies := self.sync.copies(oseq)) < (need := quorum()):
                 left = deadline - time.monotonic()
                 if self._closed or left <= 0:
                     raise Timeout(
-                        f"shard {self.name}: the write is on {self.sync.copies(oseq)} of"
-                        f" {replicas} replicas, {label} needs {quorum}"
+                        f"shard {self.name}: the write is on {copies} of {replicas} replicas,"
+                        f" {label} needs {need}"
                         f"{'' if not self._closed else ' (this node stopped replicating it)'};"
                         " it stays written and reaches the others when they answer. Use"
                         " ack='majority' or a lower w to need fewer copies"
@@ -245,6 +256,12 @@ class MultiDriver:
         return answer_pull(self.shard, b.request, BATCH_RECORDS)
 
     # -- the map -------------------------------------------------------------------------------
+
+    def nodes_down(self, down: frozenset[str]) -> None:
+        """The shard's replicas whose nodes are not in the cluster now."""
+        with self._changed:
+            self._down = down
+            self._changed.notify_all()
 
     def update(self, assignment: ShardAssignment, revision: int) -> State:
         """A new shard-map entry: the peers may have changed. Every replica takes writes."""
