@@ -379,6 +379,7 @@ async def _move_multi_leader(
     nothing waits for it; the leader only admits new replicas and serves the change feed:
     give the role to the first live in-sync replica (any would do), with the next epoch."""
     candidates = [n for n in current.in_sync if n in live and n not in exclude]
+    candidates += [n for n in current.replicas if n in live and n not in exclude]
     if not candidates:
         return
     entry = msgspec.structs.replace(current, epoch=current.epoch + 1, leader=candidates[0])

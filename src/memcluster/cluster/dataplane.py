@@ -845,16 +845,18 @@ class DataPlane:
         takes writes; one leaving this node first stops taking them and pushes what only it
         holds to the others."""
         if self.node_id not in assignment.replicas:
-            driver = self.multis.pop(shard_id, None)
+            driver = self.multis.get(shard_id)
             self._revisions.pop(shard_id, None)
             if driver is not None:
                 await self._run(self.host.set_state, shard_id, State.FOLLOWER)
-                if not await driver.flush(10.0):
+                driver.update(assignment, snap.shard_revisions.get(shard_id, 0))
+                if not await driver.flush(10.0):  # peers may pull from it meanwhile
                     log.warning(
-                        "shard %s leaves this node before every peer had its last writes;"
-                        " they are lost unless a peer pulled them",
+                        "shard %s leaves this node before every peer had all it holds;"
+                        " what only it held is lost unless a peer pulled it",
                         shard_name(shard_id),
                     )
+                self.multis.pop(shard_id, None)
                 driver.close()
             if state is not None and state is not State.INCOMING:
                 await self._run(self.host.drop, shard_id)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -88,11 +89,17 @@ class MultiDriver:
         self.write_timeout_s = write_timeout_s
         self._peer_url = peer_url
         self._request = request
+        # A new origin name for every replica instance (this node, this opening): a replica
+        # dropped and created again here, or one that lost unsynced records in a crash,
+        # never numbers new writes with an (origin, oseq) that peers hold already.
+        self.origin = f"{node_id}~{secrets.token_hex(4)}"
         with shard.lock:
-            shard.lww.me = node_id
+            shard.lww.me = self.origin
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self.sync = MultiSync(node_id, list(assignment.replicas), interval_s=interval_s)
+        self.sync = MultiSync(
+            node_id, list(assignment.replicas), origin=self.origin, interval_s=interval_s
+        )
         self.assignment = assignment
         self.revision = revision
         self._closed = False
@@ -207,13 +214,20 @@ class MultiDriver:
                 got = await self._request(url, "multi.pull", pull, PullReply, EXCHANGE_TIMEOUT_S)
                 assert isinstance(got, PullReply)
                 with self._lock:
-                    records = self.sync.pulled(exchange, got, time.monotonic(), BATCH_RECORDS)
+                    records = self.sync.records_of(exchange, got, time.time())
                 if records:
                     await loop.run_in_executor(None, self.shard.apply_remote, records)
-        except (MemclusterError, OSError) as exc:
+                with self._lock:
+                    self.sync.pulled(exchange, got, time.monotonic(), BATCH_RECORDS)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # one failed exchange must not stop the others
             with self._lock:
                 self.sync.failed(exchange, time.monotonic())
-            log.debug("shard %s: %s with %s failed: %s", self.name, exchange.kind, url, exc)
+            if isinstance(exc, MemclusterError | OSError):
+                log.debug("shard %s: %s with %s failed: %s", self.name, exchange.kind, url, exc)
+            else:
+                log.exception("shard %s: %s with %s failed", self.name, exchange.kind, url)
         with self._changed:
             self._changed.notify_all()
         self._wake.set()
@@ -225,7 +239,7 @@ class MultiDriver:
         a = self.assignment
         if a.leader != self.node_id or self._proposing or set(a.in_sync) >= set(a.replicas):
             return
-        vv = self.shard.version_vector()
+        vv = await asyncio.get_running_loop().run_in_executor(None, self.shard.version_vector)
         with self._lock:
             ready = [
                 p
@@ -273,15 +287,19 @@ class MultiDriver:
         return State.ACTIVE
 
     async def flush(self, timeout_s: float) -> bool:
-        """Push until every peer holds this replica's own writes (before it leaves the
-        node); False if some peer did not within ``timeout_s``."""
+        """Push until every peer that is up holds everything this replica holds (before it
+        leaves the node: its own writes, and others' that only it may have); False if some
+        peer did not within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        own = self.shard.version_vector().get(self.node_id, 0)
+        loop = asyncio.get_running_loop()
+        mine = await loop.run_in_executor(None, self.shard.version_vector)
         while time.monotonic() < deadline:
             with self._lock:
                 self.sync.wrote()
                 held = all(
-                    (self.sync.known(p) or {}).get(self.node_id, 0) >= own for p in self.sync.peers
+                    all((self.sync.known(p) or {}).get(o, 0) >= n for o, n in mine.items())
+                    for p in self.sync.peers
+                    if p not in self._down
                 )
             if held:
                 return True
@@ -297,7 +315,7 @@ class MultiDriver:
             epoch=self.assignment.epoch,
             leading=False,
             last=self.shard.applied_seq,
-            committed=self.shard.version_vector().get(self.node_id, 0),
+            committed=self.shard.version_vector().get(self.origin, 0),
             acked=acked,
             state=self.hosted.state.value,
         )

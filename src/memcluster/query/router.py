@@ -117,6 +117,7 @@ _ANY_MULTI_REPLICA = frozenset(
 )
 """Operations any replica of a ``multi`` shard answers, this node's first (``shard.stats``,
 which gives change-feed positions, goes to the map's leader, as subscriptions do)."""
+_WRITES = frozenset({"shard.put", "shard.delete", "shard.delete_where"})
 
 
 def _strong_reader(
@@ -215,8 +216,12 @@ class ClusterStore:
                     owner = _strong_reader(snap, collection, assignment) or owner
                 if any_replica and assignment is not None:
                     up = [r for r in assignment.replicas if r in snap.nodes]
-                    if up:
-                        owner = self.node_id if self.node_id in up else random.choice(up)
+                    if up and self.node_id in up:
+                        owner = self.node_id
+                    elif up and kind in _WRITES:
+                        owner = up[0]  # a resend goes where the first try went
+                    elif up:
+                        owner = random.choice(up)
                 if owner is None:
                     waiting.append(n)
                     last_problem = f"shard {collection}/{n:04d} has no node yet"
@@ -309,21 +314,24 @@ class ClusterStore:
         for n in sorted(set(shards)):
             assignment = snap.shards.get((collection, n))
             replicas = [] if assignment is None else list(assignment.replicas)
+            # Only replicas in sync count: a new one may still be empty, and a quorum read
+            # of it could miss a write acknowledged by a majority.
+            synced = [] if assignment is None else [x for x in replicas if x in assignment.in_sync]
             need = len(replicas) // 2 + 1 if r is None else r
             if not 1 <= need <= max(1, len(replicas)):
                 raise InvalidArgument(
                     f"r={r}: shard {collection}/{n:04d} has {len(replicas)} replicas; give"
                     f" 1 to {len(replicas)}"
                 )
-            up = [x for x in replicas if x in snap.nodes]
+            up = [x for x in synced if x in snap.nodes]
             random.shuffle(up)
             up.sort(key=lambda x: x != self.node_id)
             if len(up) < need:
-                down = ", ".join(x for x in replicas if x not in snap.nodes)
+                others = ", ".join(x for x in replicas if x not in up)
                 raise ShardUnavailable(
-                    f"a quorum read of shard {collection}/{n:04d} needs {need} replicas and"
-                    f" {len(up)} are up ({down} down); lower r, or read with"
-                    " consistency='eventual'"
+                    f"a quorum read of shard {collection}/{n:04d} needs {need} replicas in"
+                    f" sync and {len(up)} are up ({others}: down or catching up); lower r, or"
+                    " read with consistency='eventual'"
                 )
             plan[n] = up[:need]
         groups: dict[str, list[int]] = {}
@@ -779,6 +787,9 @@ class ClusterCollection:
             ),
             wire.ShardPutReply,
             reroute=reroute,
+            # multi: a write that timed out waiting for copies is durable where it was taken
+            # and spreads from there; written again elsewhere it would get a newer stamp.
+            resend=not self._multi(),
         )
         versions = [0] * len(memories)
         seqs: dict[int, int] = {}
@@ -961,9 +972,9 @@ class ClusterCollection:
                 wire.ShardGetReply,
             )
             # The newest write wins: a memory, or the delete (tombstone) of one.
-            newest = max(
+            newest = max(  # an expiry's tombstone has its put's stamp, and wins
                 quorum,
-                key=lambda g: g.deleted if g.memory is None else g.memory.version,
+                key=lambda g: (g.deleted, 1) if g.memory is None else (g.memory.version, 0),
             )
             return newest.memory, None
 

@@ -50,7 +50,7 @@ class Exchange(msgspec.Struct, frozen=True):
 class MultiShard(Protocol):
     """What a replica's shard offers the exchanges (``memcluster.shard.shard.Shard``)."""
 
-    def version_vector(self) -> dict[str, int]: ...
+    def version_vector(self, durable: bool = False) -> dict[str, int]: ...
 
     def missing(self, other: dict[str, int], limit: int) -> list[Record] | None: ...
 
@@ -80,19 +80,22 @@ class PullReply(msgspec.Struct, frozen=True):
 
 
 def answer_pull(shard: MultiShard, request: PullRequest, limit: int) -> PullReply:
-    """What a replica answers a pull: the records the puller lacks, or a state page."""
+    """What a replica answers a pull: the records the puller lacks, or a state page. The
+    version vector it reports is durable here (the puller counts this replica as a copy of
+    what it names)."""
     if not request.paging:
         records = shard.missing(request.vv, limit)
         if records is not None:
-            return PullReply(vv=shard.version_vector(), records=records)
+            return PullReply(vv=shard.version_vector(durable=True), records=records)
     ops, last, vv = shard.state_page(request.after, limit)
     return PullReply(vv=vv, page=ops, last=last)
 
 
 def answer_push(shard: MultiShard, records: Sequence[Record]) -> dict[str, int]:
-    """Apply pushed records; the version vector after (what the pusher learns)."""
+    """Apply pushed records; the durable version vector after (what the pusher learns, and
+    counts this replica as a copy of)."""
     shard.apply_remote(records)
-    return shard.version_vector()
+    return shard.version_vector(durable=True)
 
 
 class _Peer:
@@ -110,12 +113,20 @@ class _Peer:
 
 
 class MultiSync:
-    """The exchanges of one replica (``me``) with its peers."""
+    """The exchanges of one replica (on node ``me``, writing as ``origin``) with its peers
+    (the other replicas' nodes)."""
 
     def __init__(
-        self, me: str, peers: list[str], *, interval_s: float = 1.0, backoff_max_s: float = 5.0
+        self,
+        me: str,
+        peers: list[str],
+        *,
+        origin: str | None = None,
+        interval_s: float = 1.0,
+        backoff_max_s: float = 5.0,
     ) -> None:
         self.me = me
+        self.origin = me if origin is None else origin
         self.interval_s = interval_s
         self.backoff_max_s = backoff_max_s
         self._peers: dict[str, _Peer] = {}
@@ -155,27 +166,36 @@ class MultiSync:
         state = self._peers[peer]
         return PullRequest(vv=vv, after=state.page_after, paging=state.paging)
 
-    def pulled(self, exchange: Exchange, reply: PullReply, now: float, limit: int) -> list[Record]:
-        """A pull was answered: the records to apply (``Shard.apply_remote``), then it is
-        done. A state page becomes one record whose version vector is set on the last page
-        only (the one the giver had at the first page: what the pages together hold), so a
+    def records_of(self, exchange: Exchange, reply: PullReply, wall_s: float) -> list[Record]:
+        """The records a pull's answer gives to apply (``Shard.apply_remote``); once they
+        are applied, :meth:`pulled` (or :meth:`failed` if that failed). A state page becomes
+        one record stamped ``wall_s``, whose version vector is set on the last page only
+        (the one the giver had at the first page: what the pages together hold), so a
         transfer cut short merges what it got and claims nothing."""
         peer = self._peers.get(exchange.peer)
         if peer is None:
             return []
         if reply.page is None:
-            self.done(exchange, now, reply.vv, more=len(reply.records) >= limit)
             return reply.records
+        page_vv = peer.page_vv if peer.paging else reply.vv
+        ops = [*reply.page, MergeOp(dict(page_vv))] if reply.last is None else reply.page
+        return [Record(seq=0, ts=wall_s, ops=ops)] if ops else []
+
+    def pulled(self, exchange: Exchange, reply: PullReply, now: float, limit: int) -> None:
+        """The records of a pull's answer were applied: the pull is done."""
+        peer = self._peers.get(exchange.peer)
+        if peer is None:
+            return
+        if reply.page is None:
+            self.done(exchange, now, reply.vv, more=len(reply.records) >= limit)
+            return
         if not peer.paging:
             peer.paging, peer.page_vv = True, dict(reply.vv)
-        last_page = reply.last is None
-        ops = [*reply.page, MergeOp(peer.page_vv)] if last_page else reply.page
-        if last_page:
+        if reply.last is None:
             peer.paging, peer.page_after, peer.page_vv = False, None, {}
         else:
             peer.page_after = reply.last
         self.done(exchange, now, {}, more=True)
-        return [Record(seq=0, ts=now, ops=ops)] if ops else []
 
     def done(self, exchange: Exchange, now: float, vv: dict[str, int], more: bool = False) -> None:
         """An exchange succeeded; ``vv``: the peer's version vector when it answered.
@@ -216,7 +236,7 @@ class MultiSync:
         return 1 + sum(
             1
             for peer in self._peers.values()
-            if peer.known is not None and peer.known.get(self.me, 0) >= oseq
+            if peer.known is not None and peer.known.get(self.origin, 0) >= oseq
         )
 
 

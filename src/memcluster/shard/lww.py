@@ -139,8 +139,8 @@ class Lww:
             if want > have:
                 continue
             first, seqs = self._index.get(origin, (have + 1, []))
-            if want < first:
-                return None
+            if not first <= want < first + len(seqs):
+                return None  # not (or no longer) in the WAL here
             seq = seqs[want - first]
             start = seq if start == 0 else min(start, seq)
         return start

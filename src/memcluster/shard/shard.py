@@ -323,6 +323,8 @@ class Shard:
                 stamp = (op.hlc, op.origin, int(isinstance(op, StampedDeleteOp)))
                 lww.observe(op.hlc)
                 if not lww.wins(key, stamp):
+                    if isinstance(op, StampedPutOp):
+                        versions.append(op.hlc)  # its version, for an idempotent resend
                     continue  # a newer write of this key is here already
                 lww.stamps[key] = stamp
                 if isinstance(op, StampedPutOp):
@@ -469,10 +471,15 @@ class Shard:
             stamp = None if self.lww is None else self.lww.stamp_of((namespace, key))
         return stamp[0] if stamp is not None and stamp[2] else 0
 
-    def version_vector(self) -> dict[str, int]:
-        """Which writes this replica holds: origin -> the highest ``oseq`` applied."""
+    def version_vector(self, durable: bool = False) -> dict[str, int]:
+        """Which writes this replica holds: origin -> the highest ``oseq`` applied. With
+        ``durable``, made durable first (what another replica may count on after a crash
+        here: every record applied is fsynced before the vector is returned)."""
         with self.lock:
-            return dict(self._multi().vv)
+            vv = dict(self._multi().vv)
+        if durable:
+            self._wal.sync_all()
+        return vv
 
     def missing(self, other: Mapping[str, int], limit: int) -> list[Record] | None:
         """Up to ``limit`` records held here that a replica at version vector ``other``
@@ -551,7 +558,9 @@ class Shard:
                     )
                 )
             last = page[-1] if page and start + limit < len(keys) else None
-            return ops, last, dict(lww.vv)
+            vv = dict(lww.vv)
+        self._wal.sync_all()  # the vector names only writes this replica cannot lose
+        return ops, last, vv
 
     # -- resharding (a cluster splitting a range shard, or placing by new centroids) -------
 
@@ -1027,10 +1036,12 @@ class Shard:
             ops = self._fence_ops(fence)
             now = self._clock.time()
             slot = self._keys.get((namespace, key))
-            if slot is None:
+            if slot is None and self.lww is None:
                 return False
-            existed = bool(self._expires[slot] > now)
-            reason = DeleteReason.USER if existed else DeleteReason.EXPIRED
+            # multi: a tombstone even for a memory this replica has not received yet, so
+            # the put does not come back when it arrives.
+            existed = slot is not None and bool(self._expires[slot] > now)
+            reason = DeleteReason.USER if existed or slot is None else DeleteReason.EXPIRED
             ops.append(DeleteOp(namespace, key, reason))
             token = self._write(Record(self.applied_seq + 1, now, ops))
         self.commit(token)
@@ -1610,6 +1621,8 @@ class Shard:
                     break
                 if record.origin is not None:
                     shard.lww.logged(record, record.seq)
+                if record.vv is not None:
+                    shard.lww.merged(record.vv)
         for record in wal.records(after_seq=shard.applied_seq):
             if record.seq != shard.applied_seq + 1:
                 raise CorruptionError(
@@ -1636,7 +1649,13 @@ class Shard:
                 assert alive[slot]
                 assert self._slot_key[slot] == key
                 assert self._ns_list[self._ns[slot]] == namespace
-                assert self._version[slot] <= self.applied_seq + self._version_offset
+                if self.lww is None:
+                    assert self._version[slot] <= self.applied_seq + self._version_offset
+                else:  # multi: a memory's version is its put's stamp, which the key holds
+                    stamp = self.lww.stamps.get((namespace, key))
+                    assert stamp is not None
+                    assert stamp[2] == 0
+                    assert self._version[slot] == stamp[0]
             if self._free:
                 assert not alive[self._free].any()
             assert len(set(self._free)) == len(self._free)
@@ -1649,6 +1668,9 @@ class Shard:
                 assert count == int((alive & (self._ns[:n] == ns_id)).sum())
             assert not self._columns.occupied[:n][~alive].any()
             assert len(self._idem) <= self.config.idempotency_keys_max
+            if self.lww is not None:  # every live stamp is a live memory
+                live = {k for k, s in self.lww.stamps.items() if not s[2]}
+                assert live == set(self._keys)
 
     def stats(self) -> Mapping[str, int]:
         with self.lock:
