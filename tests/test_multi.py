@@ -352,3 +352,37 @@ def test_the_change_feed_of_a_multi_collection_has_every_replicas_writes_once(
             cursor = events[-1].cursor
     keys = [e.key for e in events]
     assert sorted(keys) == sorted(f"{n}-{i}" for n in NODES for i in range(20))
+
+
+def test_repeated_kills_pause_no_writes_and_quorum_reads_go_around_the_dead(
+    cluster: Cluster,
+) -> None:
+    """Each round kills another node (each back before the next round) while a writer
+    writes through the next one with ack="majority": writes do not wait for the dead node,
+    and quorum reads right after the kill, while etcd still lists it, ask another replica."""
+    cluster.add_nodes(*NODES)
+    client = cluster.client("n1", "binary")
+    client.create_collection("mq", dim=4, replication_factor=3, replication="multi", ack="majority")
+    _placed(cluster, "mq", 1)
+    pauses = []
+    writers: list[Writer] = []
+    for r in range(3):
+        killed, entry = NODES[r], NODES[(r + 1) % 3]
+        writer = Writer(cluster, entry, "mq")
+        writers.append(writer)
+        with writer:
+            writer.wait_acked(50)
+            killed_at = time.monotonic()
+            cluster.kill(killed)
+            coll = cluster.client(entry, "binary").collection("mq")
+            for i in range(20):  # at once: the dead node is still in the map
+                assert coll.get(("a",), f"k{i}", consistency="quorum") is not None
+            before = len(writer.acked)
+            writer.wait_acked(before + 100)
+        after = [t for t in writer.ack_times if t > killed_at]
+        pauses.append(max(b - a for a, b in zip([killed_at, *after], after, strict=False)))
+        cluster.restart(killed)
+        _converged(cluster, NODES, "mq")
+    print(f"repeated kills of multi replicas: longest pauses {[f'{p:.3f}' for p in pauses]} s")
+    assert max(pauses) < 1.0
+    _check_last_writer_wins(_converged(cluster, NODES, "mq"), writers)

@@ -253,8 +253,12 @@ async def reconcile(
         else:
             for shard_id, job in jobs.items():
                 moving[shard_id] = asyncio.create_task(job, name=f"move {shard_id}")
-    if step.unavailable:
-        log.warning("shards on down nodes, unavailable: %s", step.unavailable)
+    # A replicated shard on a down node fails over (or, multi, needs nothing): not news.
+    single = [
+        s for s in step.unavailable if s not in assignments or len(assignments[s].replicas) < 2
+    ]
+    if single:
+        log.warning("shards on down nodes, unavailable: %s", single)
     return list(step.actions)
 
 

@@ -676,4 +676,6 @@ class ShardHost:
         return items[:limit]
 
     def stats(self, shards: Sequence[ShardId]) -> dict[int, dict[str, int]]:
-        return {s[1]: dict(self._get(s, State.ACTIVE, State.FROZEN).shard.stats()) for s in shards}
+        """Sizes and last seqs (a chain's tail answers too: its log is the head's)."""
+        states = (State.ACTIVE, State.FROZEN, State.FOLLOWER)
+        return {s[1]: dict(self._get(s, *states).shard.stats()) for s in shards}

@@ -305,12 +305,12 @@ class ClusterStore:
         body: Callable[[list[int]], msgspec.Struct],
         reply: type[T],
     ) -> list[T]:
-        """A quorum read of a ``multi`` collection: ``body`` to ``r`` replicas of each shard
-        (default: a majority), this node's first; the replies of the first ``r`` per shard
-        to answer (the caller merges them by version). ShardUnavailable when fewer than
+        """A quorum read of a ``multi`` collection: ``body`` to ``r`` in-sync replicas of each
+        shard (default: a majority), this node's first, another in place of one that fails;
+        the replies (the caller merges them by version). ShardUnavailable when fewer than
         ``r`` replicas of a shard are up or answer."""
         snap = self.map.current
-        plan: dict[int, list[str]] = {}
+        plan: dict[int, tuple[int, list[str]]] = {}
         for n in sorted(set(shards)):
             assignment = snap.shards.get((collection, n))
             replicas = [] if assignment is None else list(assignment.replicas)
@@ -333,11 +333,7 @@ class ClusterStore:
                     f" sync and {len(up)} are up ({others}: down or catching up); lower r, or"
                     " read with consistency='eventual'"
                 )
-            plan[n] = up[:need]
-        groups: dict[str, list[int]] = {}
-        for n, nodes in plan.items():
-            for node in nodes:
-                groups.setdefault(node, []).append(n)
+            plan[n] = (need, up)
 
         async def ask(node: str, group: list[int]) -> T:
             if node == self.node_id:
@@ -349,22 +345,43 @@ class ClusterStore:
             url = snap.nodes[node].peer_url
             return await self.peers.request(url, kind, body(group), reply, self.route_deadline_s)
 
-        async def gather() -> list[T | BaseException]:
-            jobs = [ask(node, group) for node, group in groups.items()]
-            return await asyncio.gather(*jobs, return_exceptions=True)
+        async def gather() -> list[T]:
+            """Ask ``need`` replicas of each shard; one that fails is replaced by another
+            in-sync replica (a node just killed is still in the map until its lease
+            ends)."""
+            answered = dict.fromkeys(plan, 0)
+            tried = dict.fromkeys(plan, 0)
+            out: list[T] = []
+            problems: list[str] = []
+            while True:
+                groups: dict[str, list[int]] = {}
+                for n, (need, up) in plan.items():
+                    lacking = need - answered[n]
+                    if lacking > len(up) - tried[n]:
+                        raise ShardUnavailable(
+                            f"a quorum read of shard {collection}/{n:04d} got {answered[n]} of"
+                            f" the {need} answers it needs: {'; '.join(problems)}; retry, or"
+                            " read with consistency='eventual'"
+                        )
+                    for node in up[tried[n] : tried[n] + lacking]:
+                        groups.setdefault(node, []).append(n)
+                    tried[n] += max(0, lacking)
+                if not groups:
+                    return out
+                jobs = [ask(node, group) for node, group in groups.items()]
+                results = await asyncio.gather(*jobs, return_exceptions=True)
+                for (node, group), result in zip(groups.items(), results, strict=True):
+                    if isinstance(result, MemclusterError):
+                        problems.append(f"{node}: {result}")
+                    elif isinstance(result, BaseException):
+                        raise result
+                    else:
+                        out.append(result)
+                        for n in group:
+                            answered[n] += 1
 
-        results = self._await(gather())
-        out: list[T] = []
-        for (node, _group), result in zip(groups.items(), results, strict=True):
-            if isinstance(result, MemclusterError):
-                raise ShardUnavailable(
-                    f"a quorum read of {collection} needs {node}, which did not answer:"
-                    f" {result}; retry, or read with consistency='eventual'"
-                )
-            if isinstance(result, BaseException):
-                raise result
-            out.append(result)
-        return out
+        replies: list[T] = self._await(gather())
+        return replies
 
     def _wait_change(self, snap: Snapshot, timeout_s: float) -> None:
         before = snap.revision
