@@ -1,14 +1,17 @@
-"""Benchmark of leader-follower replication on a 3-node cluster on this machine: what
-replication factor 3 costs writes under each ``ack`` policy, what ``consistency="eventual"``
-saves reads, how long writes stop when a shard's leader is killed, and whether an
-acknowledged write is ever lost. Every figure sits beside its baseline from the same run.
+"""Benchmark of replication on a 3-node cluster on this machine, for the three replication
+models (leader-follower, chain, multi-leader): what replication factor 3 costs writes under
+each model and ``ack`` policy, what the cheaper read levels save, how long writes stop when a
+node holding a replica is killed, and whether an acknowledged write is ever lost. Every
+figure sits beside its baseline from the same run.
 
-Run ``.venv/bin/python -m bench.replication --json bench/out/replication.json`` (about 3
+Run ``.venv/bin/python -m bench.replication --json bench/out/replication.json`` (about 5
 minutes on 2 cores; needs etcd on PATH: ``make etcd``). Options: ``--seconds`` per timed
-series (3), ``--rounds`` (3), ``--concurrency`` (8), ``--batch`` (64), ``--repeats`` of the
-failover (5), ``--dim`` (64), ``--shards`` (3), ``--read-n`` (20,000), ``--dir`` (scratch root),
-``--keep`` (keep the scratch directory and its logs), ``--json PATH``. It prints the machine,
-one table per phase and notes, and writes the same rows (plus every detail) as JSON.
+series (1.5), ``--rounds`` (3), ``--concurrency`` (8), ``--batch`` (64), ``--repeats`` of the
+failover per model (3), ``--failover`` (the models whose failover is measured, in order:
+``leader,chain,multi``), ``--dim`` (64), ``--shards`` (3), ``--read-n`` (20,000), ``--dir``
+(scratch root), ``--keep`` (keep the scratch directory and its logs), ``--json PATH``. It
+prints the machine, one table per phase and notes, and writes the same rows (plus every
+detail) as JSON.
 
 Setup
 -----
@@ -17,8 +20,8 @@ Setup
   processes n1, n2, n3 (``--http-port 0 --peer-port 0 --lease-ttl 2``: a killed node's
   membership lease runs out 2 s after its last renewal, as in tests/test_replication.py),
   each with its own data directory under a fresh ``/tmp`` directory, and the server defaults
-  otherwise: every replica (leader and followers) fsyncs a write before acknowledging it. The
-  node logs are ``n*.log`` there; the bench counts their error lines at the end.
+  otherwise: every replica fsyncs a write before acknowledging it. The node logs are
+  ``n*.log`` there; the bench counts their error lines at the end.
 * Every process is a child of this one and is signalled by its PID only: SIGKILL for the
   failover, SIGTERM (the node leaves the cluster) and SIGKILL 30 s later if need be at the end.
 * The load generator is this process: one uvloop loop, ``memcluster.AsyncClient`` over
@@ -31,36 +34,76 @@ Setup
 * Between two timed series the bench waits, untimed, until the nodes are idle again (their
   CPU below ``SETTLE_CORES`` over half a second, at most ``SETTLE_MAX_S``), so that one
   variant's background graph building does not slow the next; the notes give the waits.
+* Collection handles are built from the config ``create_collection`` returned
+  (:func:`handle`), not with ``client.collection(name)``: that asks ``describe()``, which on
+  a chain collection waits out the router's 15 s deadline (its ``shard.stats`` goes to the
+  tail, which refuses it). ``create_collection`` of a chain collection still takes 15 s
+  (it describes the collection it made), untimed.
+
+The models
+----------
+
+* ``leader`` (``"RF3 ack=..."``): the shard's leader takes every write and acknowledges it
+  once ``ack`` replicas hold it: "all" 3, "majority" 2, "leader" 1. Strong reads at the
+  leader; eventual reads at any replica. A dead leader is replaced by the controller once
+  its lease is gone.
+* ``chain`` (``"RF3 chain"``, ack="all" only): writes enter at the head, go down the chain
+  and are acknowledged by the tail; strong reads at the tail. A dead member is cut out of
+  the chain once its lease is gone (a dead head: the next in-sync member becomes the head).
+* ``multi`` (``"RF3 multi ack=..."``, hash sharding): every replica takes writes (the router
+  sends a write to its own node's replica) and acknowledges once W replicas hold it: "all"
+  3, "majority" 2, "leader" 1 (only the replica that took it). Replicas push new records to
+  each other at once and pull every 0.5 s. No strong or session reads: ``quorum`` reads a
+  majority of replicas and returns the newest, ``eventual`` any one. No failover: a dead
+  replica only stops acknowledging.
 
 What runs, in order
 -------------------
 
-1. Writes. Four collections of ``--shards`` shards (hash sharding, dimension ``--dim``): RF1,
-   and RF3 with ``ack="all"``, ``"majority"`` and ``"leader"``. ``put_many`` of 1 memory per
-   call, then of ``--batch``, each memory under a fresh key: ``--rounds`` rounds in which
+1. Writes. Eight collections of ``--shards`` shards (hash sharding, dimension ``--dim``): RF1,
+   RF3 leader-follower with ``ack="all"``, ``"majority"`` and ``"leader"``, RF3 chain, and
+   RF3 multi with ``ack="all"``, ``"majority"`` and ``"leader"``. ``put_many`` of 1 memory
+   per call, then of ``--batch``, each memory under a fresh key: ``--rounds`` rounds in which
    every variant runs ``--seconds`` in turn, each round starting with a different variant
    (the machine's noise then falls on all of them). Rate = median of the rounds; p50 and p99
-   over every call of every round; ratio = RF3 variant / RF1.
-2. Reads. One RF3 ``ack="all"`` collection with ``--read-n`` memories, all in the graph and
-   the nodes idle: ``get`` of a random loaded key and ``search`` (k=10) of a random vector,
-   with ``consistency="strong"`` and ``"eventual"``, taking turns as above. Strong: the
-   shard's leader answers after checking its lease and that what it returns is
-   acknowledged, so a get for a shard led elsewhere (2 in 3) is forwarded, and a search is
-   forwarded to the 2 other leaders. Eventual: the node the client talks to answers from its
-   own replicas (every node holds every shard here). Ratio = eventual / strong.
-3. Failover, ``--repeats`` times, on a 1-shard RF3 ``ack="all"`` collection (the collections
-   of phases 1 and 2 are dropped first, so nothing else fails over). A writer task puts one
-   memory at a time through a node that does not lead the shard, starting again after 10 ms
-   when a put fails. After 1 s and at least 100 acknowledged puts, the leader's node gets
-   SIGKILL. Measured from the kill: when etcd no longer lists the node (its lease expired),
-   when the shard map names a new leader, and when the first put *issued after the kill* is
-   acknowledged: the failover time as a client sees it. Also the longest time between two
-   acknowledged puts. The writer stops 100 acknowledgements after it resumed; every
-   acknowledged put of the repeat is then read back (strong) through the writer's node: one
-   that is missing or different is a lost write. The killed node is started again on its
-   data, the bench waits until the shard map has it back in the in-sync set, and reads the
-   repeat's acknowledged puts from its own copy (eventual, through it). At the end every
-   acknowledged put of every repeat is read once more.
+   over every call of every round; ratio = RF3 variant / RF1. Rows 1a-1u (single puts) and
+   2a-2u (batches): a-g the rates, h-n the p50s, o-u the p99s, each in the order above.
+2. Reads. Two RF3 collections with the same ``--read-n`` memories, all in the graph and the
+   nodes idle: leader-follower ``ack="all"``, and multi ``ack="majority"``. ``get`` of a
+   random loaded key and ``search`` (k=10) of a random vector; the leader collection with
+   ``consistency="strong"`` and ``"eventual"``, the multi one with ``"quorum"`` and
+   ``"eventual"``; all eight take turns as above. Strong: the shard's leader answers after
+   checking its lease and that what it returns is acknowledged, so a get for a shard led
+   elsewhere (2 in 3) is forwarded, and a search is forwarded to the 2 other leaders.
+   Quorum: the client's node asks its own replica and one other of each shard (a search:
+   every shard) and keeps the newest copy. Eventual: the node the client talks to answers
+   from its own replicas (every node holds every shard here). Ratios: eventual / strong,
+   quorum / multi eventual, quorum / leader strong.
+3. Failover, ``--repeats`` times per model, each on its own 1-shard RF3 collection (the
+   collections of phase 1 are dropped at its end, those of phase 2 at the start of this
+   one, and each model's collection once its repeats are done, so nothing else reacts to
+   a kill): ``leader`` (ack="all": the
+   leader's node is killed), ``chain`` (the head's node is killed) and ``multi``
+   (ack="majority": n1, n2, n3 in turn are killed, whichever is the map's leader). A
+   writer task puts one memory at a time through another node (for leader and chain, one
+   that does not lead the shard), starting again after 10 ms when a put fails. After 1 s
+   and at least 100 acknowledged puts, the chosen node gets SIGKILL. Measured from the kill:
+   when etcd no longer lists the node (its lease expired), when the shard map names a new
+   leader (leader, chain; multi only when the map's leader was killed: that role only
+   admits replicas), and when the first put *issued after the kill* is acknowledged: the
+   failover time as a client sees it (multi: how long writes through the surviving nodes
+   stall, expected ~0). Also the longest time between two acknowledged puts. The writer
+   goes on until the lease is gone (and the new leader named) and 100 puts issued after
+   that are acknowledged. Every acknowledged put of the repeat is then read back through
+   the writer's node, strong (multi: quorum); one that is missing or different is a lost
+   write, and a read that fails is counted and tried again. The killed node is started
+   again on its data. Leader, chain: the bench waits until the shard map has it back in
+   the in-sync set, and reads the repeat's acknowledged puts from its own copy (eventual,
+   through it). Multi: it polls eventual reads through the restarted node until its own copy
+   has every acknowledged put of the repeat (the time that takes is row 7f). Then every
+   acknowledged put is read back once more through the writer's node, and at the end of a
+   model's repeats every acknowledged put of every repeat once more. Rows 5a-5g (leader),
+   6a-6g (chain), 7a-7g (multi).
 """
 
 from __future__ import annotations
@@ -116,15 +159,30 @@ SETTLE_MAX_S = 30.0
 POLL_S = 0.025
 NAMESPACE = ("bench",)
 RF1, ALL, MAJORITY, LEADER = "RF1", "RF3 ack=all", "RF3 ack=majority", "RF3 ack=leader"
-WRITE_VARIANTS: dict[str, tuple[int, str]] = {
-    RF1: (1, "all"),
-    ALL: (3, "all"),
-    MAJORITY: (3, "majority"),
-    LEADER: (3, "leader"),
+CHAIN = "RF3 chain"
+M_ALL, M_MAJORITY, M_LEADER = "RF3 multi ack=all", "RF3 multi ack=majority", "RF3 multi ack=leader"
+WRITE_VARIANTS: dict[str, tuple[int, str, str]] = {
+    RF1: (1, "leader", "all"),
+    ALL: (3, "leader", "all"),
+    MAJORITY: (3, "leader", "majority"),
+    LEADER: (3, "leader", "leader"),
+    CHAIN: (3, "chain", "all"),
+    M_ALL: (3, "multi", "all"),
+    M_MAJORITY: (3, "multi", "majority"),
+    M_LEADER: (3, "multi", "leader"),
 }
-"""Variant -> (replication_factor, ack)."""
+"""Variant -> (replication_factor, replication, ack). "RF3 ack=..." are leader-follower."""
+RF3_VARIANTS = tuple(v for v in WRITE_VARIANTS if v != RF1)
 READS = "reads"
+READS_MULTI = "reads_multi"
 FAILOVER = "failover"
+FAILOVER_MODELS: dict[str, tuple[str, str, str]] = {
+    "leader": (FAILOVER, "leader", "all"),
+    "chain": ("failover_chain", "chain", "all"),
+    "multi": ("failover_multi", "multi", "majority"),
+}
+"""Failover model -> (collection, replication, ack), each a 1-shard RF3 collection."""
+FAILOVER_SECTION = {"leader": "5", "chain": "6", "multi": "7"}
 WARMUP_S = 1.0
 WARMUP_ACKS = 100
 AFTER_RESUME_ACKS = 100
@@ -361,11 +419,17 @@ class LocalCluster:
         done); the seconds waited (at most SETTLE_MAX_S)."""
         start = time.perf_counter()
         while True:
-            before = sum(self.cpu_s().values())
+            before = self.cpu_s()
             await asyncio.sleep(SETTLE_WINDOW_S)
-            used = (sum(self.cpu_s().values()) - before) / SETTLE_WINDOW_S
+            after = self.cpu_s()
+            per = {n: (after[n] - before.get(n, after[n])) / SETTLE_WINDOW_S for n in after}
+            used = sum(per.values())
             waited = time.perf_counter() - start
-            if used < SETTLE_CORES or waited > SETTLE_MAX_S:
+            if used < SETTLE_CORES:
+                return waited
+            if waited > SETTLE_MAX_S:
+                cores = ", ".join(f"{n} {x:.2f}" for n, x in per.items())
+                err.log(f"[yellow]nodes still busy after {waited:.0f} s ({cores} cores)[/]")
                 return waited
 
     def log_problems(self) -> dict[str, int]:
@@ -533,6 +597,16 @@ def unit_vectors(n: int, dim: int, seed: int) -> Matrix:
     return v
 
 
+def handle(
+    client: memcluster.AsyncClient, config: memcluster.CollectionConfig
+) -> memcluster.AsyncCollection:
+    """A handle on an existing collection through ``client``, from its config: what
+    ``client.collection(name)`` returns, without the ``describe()`` it asks for, which takes
+    the router's 15 s deadline on a chain collection (its ``shard.stats`` is routed to the
+    tail, which refuses it) and so would make every chain handle cost 15 s."""
+    return memcluster.AsyncCollection(client, config)
+
+
 def add(report: Report, row: Row) -> None:
     report.rows.append(row)
 
@@ -544,13 +618,18 @@ async def phase_writes(b: Bench) -> dict[int, dict[str, Stats]]:
     args = b.args
     admin = b.clients[0]
     colls: dict[str, list[memcluster.AsyncCollection]] = {}
-    for i, (name, (rf, ack)) in enumerate(WRITE_VARIANTS.items()):
+    for i, (name, (rf, replication, ack)) in enumerate(WRITE_VARIANTS.items()):
         coll_name = f"w{i}"
-        await admin.create_collection(
-            coll_name, dim=args.dim, shards=args.shards, replication_factor=rf, ack=ack
+        created = await admin.create_collection(
+            coll_name,
+            dim=args.dim,
+            shards=args.shards,
+            replication_factor=rf,
+            replication=replication,
+            ack=ack,
         )
         await b.cluster.wait_placed(coll_name, args.shards, rf)
-        colls[name] = [await c.collection(coll_name) for c in b.clients]
+        colls[name] = [handle(c, created.config) for c in b.clients]
     leaders = {name: await b.cluster.leaders(c[0].name, args.shards) for name, c in colls.items()}
     b.report.details["write_leaders"] = leaders
     err.log(f"write collections placed; shard leaders {leaders}")
@@ -592,10 +671,12 @@ async def phase_writes(b: Bench) -> dict[int, dict[str, Stats]]:
         acked = sum(s.items for stats in out.values() for v, s in stats.items() if v == name)
         if count < acked:
             err.log(f"[red]{name}: count() {count:,} < {acked:,} acknowledged items[/]")
+    n = len(RF3_VARIANTS)
+    letters = "abcdefghijklmnopqrstuvwxyz"
     for section, batch in (("1", 1), ("2", args.batch)):
         s = out[batch]
         unit = "puts/s" if batch == 1 else "items/s"
-        for letter, name in zip("abc", (ALL, MAJORITY, LEADER), strict=True):
+        for letter, name in zip(letters[:n], RF3_VARIANTS, strict=True):
             add(
                 b.report,
                 Row(
@@ -610,8 +691,8 @@ async def phase_writes(b: Bench) -> dict[int, dict[str, Stats]]:
                     f" (RF1 {s[RF1].node_cpu_ms_per_call:.2f})",
                 ),
             )
-        for letters, what in (("def", "p50"), ("ghi", "p99")):
-            for letter, name in zip(letters, (ALL, MAJORITY, LEADER), strict=True):
+        for lat_letters, what in ((letters[n : 2 * n], "p50"), (letters[2 * n : 3 * n], "p99")):
+            for letter, name in zip(lat_letters, RF3_VARIANTS, strict=True):
                 add(
                     b.report,
                     Row(
@@ -623,6 +704,13 @@ async def phase_writes(b: Bench) -> dict[int, dict[str, Stats]]:
                         getattr(s[RF1], f"{what}_ms"),
                     ),
                 )
+    # Dropped now: their replicas (the multi ones' anti-entropy above all) keep the nodes
+    # busier than SETTLE_CORES when idle, and phase 2 would wait SETTLE_MAX_S every time.
+    for handles in colls.values():
+        try:
+            await admin.drop_collection(handles[0].name)
+        except memcluster.MemclusterError as exc:
+            err.log(f"[red]drop {handles[0].name}: {exc}[/]")
     return out
 
 
@@ -632,71 +720,89 @@ async def phase_writes(b: Bench) -> dict[int, dict[str, Stats]]:
 async def phase_reads(b: Bench) -> dict[str, Stats]:
     args = b.args
     admin = b.clients[0]
-    await admin.create_collection(
-        READS, dim=args.dim, shards=args.shards, replication_factor=3, ack="all"
-    )
-    await b.cluster.wait_placed(READS, args.shards, 3)
     vectors = unit_vectors(args.read_n, args.dim, args.seed + 1)
     queries = unit_vectors(1000, args.dim, args.seed + 2)
-    loader = await admin.collection(READS)
-    t0 = time.perf_counter()
-    for lo in range(0, args.read_n, 500):
-        await loader.put_many(
-            [
-                memcluster.Memory(
-                    namespace=NAMESPACE, key=f"r{i:07d}", vector=vectors[i], metadata={"i": i}
-                )
-                for i in range(lo, min(lo + 500, args.read_n))
-            ]
+    load_s: dict[str, float] = {}
+    for coll_name, replication, ack in (
+        (READS, "leader", "all"),
+        (READS_MULTI, "multi", "majority"),
+    ):
+        await admin.create_collection(
+            coll_name,
+            dim=args.dim,
+            shards=args.shards,
+            replication_factor=3,
+            replication=replication,
+            ack=ack,
         )
-    load_s = time.perf_counter() - t0
-    while True:
-        stats = (await loader.describe()).stats
-        if stats.items >= args.read_n and stats.indexed_items >= stats.items:
-            break
-        await asyncio.sleep(0.1)
-    settle_s = await b.cluster.settle()
-    err.log(
-        f"reads: {args.read_n:,} memories loaded in {load_s:.1f} s; all in the graph and the"
-        f" nodes idle {time.perf_counter() - t0 - load_s:.1f} s later"
-        f" (the last {settle_s:.1f} s waiting for idle)"
-    )
-    colls = [await c.collection(READS) for c in b.clients]
+        await b.cluster.wait_placed(coll_name, args.shards, 3)
+        loader = await admin.collection(coll_name)
+        t0 = time.perf_counter()
+        for lo in range(0, args.read_n, 500):
+            await loader.put_many(
+                [
+                    memcluster.Memory(
+                        namespace=NAMESPACE, key=f"r{i:07d}", vector=vectors[i], metadata={"i": i}
+                    )
+                    for i in range(lo, min(lo + 500, args.read_n))
+                ]
+            )
+        load_s[coll_name] = time.perf_counter() - t0
+        while True:
+            stats = (await loader.describe()).stats
+            if stats.items >= args.read_n and stats.indexed_items >= stats.items:
+                break
+            await asyncio.sleep(0.1)
+        settle_s = await b.cluster.settle()
+        err.log(
+            f"reads: {args.read_n:,} memories loaded into {coll_name} ({replication}, ack={ack})"
+            f" in {load_s[coll_name]:.1f} s; all in the graph and the nodes idle"
+            f" {time.perf_counter() - t0 - load_s[coll_name]:.1f} s later"
+            f" (the last {settle_s:.1f} s waiting for idle)"
+        )
+    colls = {name: [await c.collection(name) for c in b.clients] for name in (READS, READS_MULTI)}
     rngs = [random.Random(args.seed * 1000 + t) for t in range(args.concurrency)]
     misses: Counter[str] = Counter()
 
-    def get(consistency: str) -> Op:
+    def get(coll_name: str, consistency: str) -> Op:
         async def op(t: int) -> int:
             i = rngs[t].randrange(args.read_n)
-            got = await colls[t % len(NODES)].get(NAMESPACE, f"r{i:07d}", consistency=consistency)
+            coll = colls[coll_name][t % len(NODES)]
+            got = await coll.get(NAMESPACE, f"r{i:07d}", consistency=consistency)
             if got is None or got.metadata != {"i": i}:
-                misses[f"get {consistency}"] += 1
+                misses[f"{coll_name} get {consistency}"] += 1
             return 1
 
         return op
 
-    def search(consistency: str) -> Op:
+    def search(coll_name: str, consistency: str) -> Op:
         async def op(t: int) -> int:
             q = queries[rngs[t].randrange(len(queries))]
-            found = await colls[t % len(NODES)].search(q, k=10, consistency=consistency)
+            coll = colls[coll_name][t % len(NODES)]
+            found = await coll.search(q, k=10, consistency=consistency)
             if len(found) < 10 or found.missing_shards:
-                misses[f"search {consistency}"] += 1
+                misses[f"{coll_name} search {consistency}"] += 1
             return 1
 
         return op
 
     ops = {
-        "get strong": get("strong"),
-        "get eventual": get("eventual"),
-        "search strong": search("strong"),
-        "search eventual": search("eventual"),
+        "get strong": get(READS, "strong"),
+        "get eventual": get(READS, "eventual"),
+        "get multi quorum": get(READS_MULTI, "quorum"),
+        "get multi eventual": get(READS_MULTI, "eventual"),
+        "search strong": search(READS, "strong"),
+        "search eventual": search(READS, "eventual"),
+        "search multi quorum": search(READS_MULTI, "quorum"),
+        "search multi eventual": search(READS_MULTI, "eventual"),
     }
     err.log(f"reads: {args.rounds} rounds of {args.seconds} s per variant")
     out = await b.take_turns(ops)
     b.report.details["reads"] = {name: asdict(s) for name, s in out.items()} | {
-        "load_s": round(load_s, 2),
+        "load_s": {name: round(x, 2) for name, x in load_s.items()},
         "misses": dict(misses),
         "leaders": await b.cluster.leaders(READS, args.shards),
+        "multi_map_leaders": await b.cluster.leaders(READS_MULTI, args.shards),
     }
     if misses:
         err.log(f"[red]reads that missed a loaded memory or came back short: {dict(misses)}[/]")
@@ -729,6 +835,31 @@ async def phase_reads(b: Bench) -> dict[str, Stats]:
                     getattr(strong, f"{p}_ms"),
                 ),
             )
+        quorum, m_eventual = out[f"{op} multi quorum"], out[f"{op} multi eventual"]
+        cpu = (
+            f"node CPU {quorum.node_cpu_ms_per_call:.2f} ms/call"
+            f" (multi eventual {m_eventual.node_cpu_ms_per_call:.2f},"
+            f" leader strong {strong.node_cpu_ms_per_call:.2f})"
+        )
+        rows = (
+            ("d", f"{what}, quorum, multi RF3", quorum.rate, "ops/s", "multi eventual",
+             m_eventual.rate, f"rounds {quorum.rounds} (eventual {m_eventual.rounds}); {cpu}"),
+            ("e", f"{what}, quorum, multi RF3", quorum.rate, "ops/s", "leader strong",
+             strong.rate, f"leader strong rounds {strong.rounds}"),
+            ("f", f"{what}, eventual, multi RF3", m_eventual.rate, "ops/s", "leader eventual",
+             eventual.rate, ""),
+            ("g", f"{what} latency p50, quorum, multi", quorum.p50_ms, "ms", "multi eventual",
+             m_eventual.p50_ms, ""),
+            ("h", f"{what} latency p99, quorum, multi", quorum.p99_ms, "ms", "multi eventual",
+             m_eventual.p99_ms, ""),
+            ("i", f"{what} latency p50, quorum, multi", quorum.p50_ms, "ms", "leader strong",
+             strong.p50_ms, ""),
+        )  # fmt: skip
+        for letter, measure, value, unit, base, base_value, note in rows:
+            add(
+                b.report,
+                Row(f"{section}{letter}", measure, value, unit, base, base_value, note=note),
+            )
     return out
 
 
@@ -745,19 +876,24 @@ class Attempt:
 
 @dataclass
 class Repeat:
-    """One kill of the shard's leader (times in seconds from the kill)."""
+    """One kill -9 of a node holding a replica of the model's 1-shard collection (times in
+    seconds from the kill): leader and chain kill the shard's leader (the chain's head), multi
+    any replica but the writer's."""
 
+    model: str
     repeat: int
     killed: str
     entry: str
     killed_was_controller: bool
+    killed_was_map_leader: bool
     epoch_before: int
     epoch_after: int | None = None
     new_leader: str | None = None
     lease_expired_s: float | None = None
     """etcd no longer lists the killed node."""
     promoted_s: float | None = None
-    """The shard map names another leader."""
+    """The shard map names another leader (multi: only when the killed node was the map's
+    leader, which only admits replicas there)."""
     failover_s: float | None = None
     """The first put issued after the kill is acknowledged."""
     longest_gap_s: float = 0.0
@@ -767,12 +903,21 @@ class Repeat:
     failed: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     lost: int = 0
+    """Acknowledged puts missing right after the writer stopped (strong; multi: quorum)."""
     restart_s: float | None = None
     """Spawn of the killed node -> it is registered and listening."""
     in_sync_s: float | None = None
-    """Listening -> back in the shard's in-sync set."""
+    """Listening -> back in the shard's in-sync set (multi: every acknowledged put of the
+    repeat readable from its own copy, eventual reads through it, polled)."""
     lost_on_rejoined: int | None = None
-    """Acknowledged puts missing from the restarted node's own copy once back in sync."""
+    """Acknowledged puts missing from the restarted node's own copy once back in sync
+    (multi: still missing when the polling gave up)."""
+    lost_after_restart: int | None = None
+    """Acknowledged puts missing once the restarted node is back (strong; multi: quorum)."""
+    read_errors: dict[str, int] = field(default_factory=dict)
+    """Reads of the acknowledged puts that failed (tried again, see :func:`missing`)."""
+    read_back_s: dict[str, float] = field(default_factory=dict)
+    """How long each read-back of the acknowledged puts took."""
     acked_keys: list[int] = field(default_factory=list)
 
 
@@ -785,43 +930,93 @@ def failover_memory(prefix: str, i: int, vectors: Matrix) -> memcluster.Memory:
     )
 
 
+async def missing_keys(
+    coll: memcluster.AsyncCollection,
+    prefix: str,
+    keys: Sequence[int],
+    consistency: str,
+    concurrency: int,
+    errors: dict[str, int],
+) -> tuple[list[int], list[int]]:
+    """The puts ``keys`` under ``prefix`` that are absent or differ, and those whose read
+    failed (the error counted in ``errors``)."""
+    lost: list[int] = []
+    failed: list[int] = []
+    queue = list(keys)
+
+    async def work() -> None:
+        while queue:
+            i = queue.pop()
+            try:
+                got = await coll.get(NAMESPACE, f"{prefix}-{i:06d}", consistency=consistency)
+            except memcluster.MemclusterError as exc:
+                what = f"{type(exc).__name__}: {str(exc)[:160]}"
+                errors[what] = errors.get(what, 0) + 1
+                failed.append(i)
+                continue
+            if got is None or got.metadata != {"i": i}:
+                lost.append(i)
+
+    async with asyncio.TaskGroup() as tasks:
+        for _ in range(concurrency):
+            tasks.create_task(work())
+    return sorted(lost), sorted(failed)
+
+
 async def missing(
     coll: memcluster.AsyncCollection,
     prefix: str,
     keys: Sequence[int],
     consistency: str,
     concurrency: int,
+    errors: dict[str, int],
 ) -> int:
-    """How many of the puts ``keys`` under ``prefix`` are absent or differ."""
-    lost = 0
-    queue = list(keys)
-
-    async def work() -> None:
-        nonlocal lost
-        while queue:
-            i = queue.pop()
-            got = await coll.get(NAMESPACE, f"{prefix}-{i:06d}", consistency=consistency)
-            if got is None or got.metadata != {"i": i}:
-                lost += 1
-
-    async with asyncio.TaskGroup() as tasks:
-        for _ in range(concurrency):
-            tasks.create_task(work())
-    return lost
+    """How many of the puts ``keys`` under ``prefix`` are absent or differ. A read that fails
+    is counted in ``errors`` and tried again (after POLL_S) until RESUME_TIMEOUT_S; one that
+    never answers counts as missing."""
+    deadline = time.monotonic() + RESUME_TIMEOUT_S
+    lost, failed = await missing_keys(coll, prefix, keys, consistency, concurrency, errors)
+    while failed and time.monotonic() < deadline:
+        await asyncio.sleep(POLL_S)
+        more, failed = await missing_keys(coll, prefix, failed, consistency, concurrency, errors)
+        lost += more
+    return len(lost) + len(failed)
 
 
-async def one_failover(b: Bench, r: int, vectors: Matrix) -> Repeat:
+def strong_for(model: str) -> str:
+    """The read level that sees every acknowledged write: strong, or quorum for multi (its
+    writes are acknowledged by a majority, ack="majority")."""
+    return "quorum" if model == "multi" else "strong"
+
+
+async def one_failover(
+    b: Bench, model: str, config: memcluster.CollectionConfig, r: int, vectors: Matrix
+) -> Repeat:
     cluster, args = b.cluster, b.args
-    await cluster.wait_placed(FAILOVER, 1, 3)
+    coll_name = config.name
+    await cluster.wait_placed(coll_name, 1, 3)
     await cluster.settle()
-    before = await cluster.assignment(FAILOVER)
+    before = await cluster.assignment(coll_name)
     assert before is not None
     assert before.leader is not None
-    killed = before.leader
-    others = [n for n in NODES if n != killed]
-    entry = others[r % len(others)]
-    rep = Repeat(r + 1, killed, entry, await cluster.controller() == killed, before.epoch)
-    prefix = f"f{r + 1}"
+    if model == "multi":  # any replica takes writes: kill each node in turn
+        killed = NODES[r % len(NODES)]
+        entry = NODES[(r + 1) % len(NODES)]
+    else:
+        killed = before.leader
+        others = [n for n in NODES if n != killed]
+        entry = others[r % len(others)]
+    rep = Repeat(
+        model,
+        r + 1,
+        killed,
+        entry,
+        await cluster.controller() == killed,
+        before.leader == killed,
+        before.epoch,
+    )
+    prefix = f"{model[0]}{r + 1}"
+    read_level = strong_for(model)
     attempts: list[Attempt] = []
     errors: Counter[str] = Counter()
     stop = asyncio.Event()
@@ -829,7 +1024,7 @@ async def one_failover(b: Bench, r: int, vectors: Matrix) -> Repeat:
     async with memcluster.AsyncClient(
         cluster.nodes[entry].mc_url, retries=0, timeout_s=60.0
     ) as client:
-        coll = await client.collection(FAILOVER)
+        coll = handle(client, config)
 
         async def writer() -> None:
             i = 0
@@ -848,16 +1043,20 @@ async def one_failover(b: Bench, r: int, vectors: Matrix) -> Repeat:
             return [a for a in attempts if a.ok]
 
         watch: dict[str, float] = {}
+        wait_promotion = model != "multi" or rep.killed_was_map_leader
 
         async def watcher(kill_at: float) -> None:
             """Poll etcd: when the killed node's lease is gone, when a new leader is named."""
-            while ("expired" not in watch or "promoted" not in watch) and not stop.is_set():
-                now_a = await cluster.assignment(FAILOVER)
+            while (
+                "expired" not in watch or (wait_promotion and "promoted" not in watch)
+            ) and not stop.is_set():
+                now_a = await cluster.assignment(coll_name)
                 now = time.monotonic()
                 if (
                     "promoted" not in watch
                     and now_a is not None
                     and now_a.leader not in (None, killed)
+                    and (now_a.leader != before.leader or now_a.epoch != before.epoch)
                 ):
                     watch["promoted"] = now - kill_at
                     rep.new_leader, rep.epoch_after = now_a.leader, now_a.epoch
@@ -871,16 +1070,23 @@ async def one_failover(b: Bench, r: int, vectors: Matrix) -> Repeat:
             while len(acked()) < WARMUP_ACKS or time.monotonic() - started < WARMUP_S:
                 if time.monotonic() - started > RESUME_TIMEOUT_S:
                     stop.set()
-                    raise RuntimeError(f"failover {r + 1}: no writes before the kill: {errors}")
+                    raise RuntimeError(
+                        f"failover {model} {r + 1}: no writes before the kill: {errors}"
+                    )
                 await asyncio.sleep(0.02)
             kill_at = time.monotonic()
             cluster.nodes[killed].kill()
             watching = tasks.create_task(watcher(kill_at))
             deadline = kill_at + RESUME_TIMEOUT_S
+            # Write on until the cluster has noticed the kill (lease gone, new leader named)
+            # and AFTER_RESUME_ACKS puts issued after that are acknowledged: a multi writer
+            # that never stopped still goes through the killed node's removal from the map.
             while time.monotonic() < deadline:
-                after = [a for a in acked() if a.issued > kill_at]
-                if len(after) > AFTER_RESUME_ACKS:
-                    break
+                if watching.done():
+                    since = kill_at + max(watch.values(), default=0.0)
+                    after = [a for a in acked() if a.issued > since]
+                    if len(after) > AFTER_RESUME_ACKS:
+                        break
                 await asyncio.sleep(0.02)
             stop.set()
             await writing
@@ -899,7 +1105,11 @@ async def one_failover(b: Bench, r: int, vectors: Matrix) -> Repeat:
             rep.in_flight_s = in_flight[0].done - in_flight[0].issued
         times = [a.done for a in ok]
         rep.longest_gap_s = max((y - x for x, y in itertools.pairwise(times)), default=0.0)
-        rep.lost = await missing(coll, prefix, rep.acked_keys, "strong", args.concurrency)
+        t0 = time.monotonic()
+        rep.lost = await missing(
+            coll, prefix, rep.acked_keys, read_level, args.concurrency, rep.read_errors
+        )
+        rep.read_back_s["after the writer"] = time.monotonic() - t0
 
     node = cluster.nodes[killed]
     t0 = time.monotonic()
@@ -907,24 +1117,56 @@ async def one_failover(b: Bench, r: int, vectors: Matrix) -> Repeat:
     await node.ready()
     rep.restart_s = time.monotonic() - t0
     t0 = time.monotonic()
-    while True:
-        a = await cluster.assignment(FAILOVER)
-        if a is not None and killed in a.in_sync:
-            rep.in_sync_s = time.monotonic() - t0
-            break
-        if time.monotonic() - t0 > IN_SYNC_TIMEOUT_S:
-            err.log(
-                f"[red]failover {r + 1}: {killed} not back in sync after"
-                f" {IN_SYNC_TIMEOUT_S} s: {a}[/]"
-            )
-            break
-        await asyncio.sleep(0.05)
-    if rep.in_sync_s is not None:
+    if model == "multi":  # no in-sync set to wait for: poll its own copy until it has all
         async with memcluster.AsyncClient(node.mc_url, retries=0, timeout_s=60.0) as client:
-            coll = await client.collection(FAILOVER)
-            rep.lost_on_rejoined = await missing(
-                coll, prefix, rep.acked_keys, "eventual", args.concurrency
-            )
+            coll = handle(client, config)
+            left: list[int] = rep.acked_keys
+            while True:
+                lost, failed = await missing_keys(
+                    coll, prefix, left, "eventual", args.concurrency, rep.read_errors
+                )
+                left = lost + failed
+                if not left:
+                    rep.in_sync_s = time.monotonic() - t0
+                    break
+                if time.monotonic() - t0 > IN_SYNC_TIMEOUT_S:
+                    err.log(
+                        f"[red]failover {model} {r + 1}: {killed} still misses {len(left)}"
+                        f" acknowledged puts after {IN_SYNC_TIMEOUT_S} s[/]"
+                    )
+                    break
+                await asyncio.sleep(POLL_S)
+            rep.lost_on_rejoined = len(left)
+    else:
+        while True:
+            a = await cluster.assignment(coll_name)
+            if a is not None and killed in a.in_sync:
+                rep.in_sync_s = time.monotonic() - t0
+                break
+            if time.monotonic() - t0 > IN_SYNC_TIMEOUT_S:
+                err.log(
+                    f"[red]failover {model} {r + 1}: {killed} not back in sync after"
+                    f" {IN_SYNC_TIMEOUT_S} s: {a}[/]"
+                )
+                break
+            await asyncio.sleep(0.05)
+        if rep.in_sync_s is not None:
+            async with memcluster.AsyncClient(node.mc_url, retries=0, timeout_s=60.0) as client:
+                coll = handle(client, config)
+                t0 = time.monotonic()
+                rep.lost_on_rejoined = await missing(
+                    coll, prefix, rep.acked_keys, "eventual", args.concurrency, rep.read_errors
+                )
+                rep.read_back_s["on the rejoined node"] = time.monotonic() - t0
+    async with memcluster.AsyncClient(
+        cluster.nodes[entry].mc_url, retries=0, timeout_s=60.0
+    ) as client:
+        coll = handle(client, config)
+        t0 = time.monotonic()
+        rep.lost_after_restart = await missing(
+            coll, prefix, rep.acked_keys, read_level, args.concurrency, rep.read_errors
+        )
+        rep.read_back_s["after the restart"] = time.monotonic() - t0
     return rep
 
 
@@ -932,10 +1174,137 @@ def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-async def phase_failover(b: Bench) -> list[Repeat]:
+async def failover_model(b: Bench, model: str) -> list[Repeat]:
+    """``--repeats`` kills on the model's 1-shard RF3 collection, then every acknowledged put
+    read once more, then the collection dropped (so that it fails over no more)."""
     args, cluster = b.args, b.cluster
+    coll_name, replication, ack = FAILOVER_MODELS[model]
+    read_level = strong_for(model)
+    async with memcluster.AsyncClient(
+        cluster.nodes["n1"].mc_url, retries=0, timeout_s=60.0
+    ) as client:
+        created = await client.create_collection(
+            coll_name,
+            dim=args.dim,
+            shards=1,
+            replication_factor=3,
+            replication=replication,
+            ack=ack,
+        )
+    config = created.config
+    vectors = unit_vectors(1024, args.dim, args.seed + 3)
+    repeats: list[Repeat] = []
+    for r in range(args.repeats):
+        rep = await one_failover(b, model, config, r, vectors)
+        repeats.append(rep)
+        err.log(
+            f"failover {model} {rep.repeat}/{args.repeats}: killed {rep.killed}"
+            f"{' (the controller)' if rep.killed_was_controller else ''}"
+            f"{' (the map leader)' if rep.killed_was_map_leader else ''}, writer on {rep.entry};"
+            f" lease gone {_s(rep.lease_expired_s)} s, new leader {rep.new_leader} at"
+            f" {_s(rep.promoted_s)} s, first put issued after the kill acked at"
+            f" {_s(rep.failover_s)} s, longest gap {rep.longest_gap_s:.2f} s; {rep.acked} acked,"
+            f" {rep.failed} failed, {rep.lost} lost; restart {_s(rep.restart_s)} s, back in"
+            f" sync {_s(rep.in_sync_s)} s later, {rep.lost_on_rejoined} missing on it,"
+            f" {rep.lost_after_restart} lost after the restart"
+        )
+        if rep.errors:
+            err.log(f"  writer errors: {rep.errors}")
+        if rep.read_errors:
+            err.log(f"  [red]read-back errors (tried again)[/]: {rep.read_errors}")
+        err.log(f"  read-backs took { {k: round(v, 2) for k, v in rep.read_back_s.items()} } s")
+    # Every acknowledged put of every repeat, once more, after all the kills.
+    entry = next(n for n in NODES if cluster.nodes[n].running)
+    async with memcluster.AsyncClient(
+        cluster.nodes[entry].mc_url, retries=0, timeout_s=60.0
+    ) as client:
+        coll = handle(client, config)
+        final = 0
+        final_errors: dict[str, int] = {}
+        for rep in repeats:
+            final += await missing(
+                coll,
+                f"{model[0]}{rep.repeat}",
+                rep.acked_keys,
+                read_level,
+                args.concurrency,
+                final_errors,
+            )
+        count = await coll.count()
+        try:
+            await client.drop_collection(coll_name)
+        except memcluster.MemclusterError as exc:
+            err.log(f"[red]drop {coll_name}: {exc}[/]")
+    total = sum(rep.acked for rep in repeats)
+    b.report.details.setdefault("failover", {})[model] = {
+        "collection": {"replication": replication, "ack": ack, "read_back": read_level},
+        "repeats": [{k: v for k, v in asdict(rep).items() if k != "acked_keys"} for rep in repeats],
+        "lost_at_end": final,
+        "read_errors_at_end": final_errors,
+        "count_at_end": count,
+        "acked_total": total,
+    }
+    sec = FAILOVER_SECTION[model]
+    what = {
+        "leader": "leader-follower ack=all, kill the leader",
+        "chain": "chain, kill the head",
+        "multi": "multi ack=majority, kill a replica, writer on another",
+    }[model]
+    done = [rep.failover_s for rep in repeats if rep.failover_s is not None]
+    gaps = [rep.longest_gap_s for rep in repeats]
+    promoted = [rep.promoted_s for rep in repeats if rep.promoted_s is not None]
+    expired = [rep.lease_expired_s for rep in repeats if rep.lease_expired_s is not None]
+    caught_up = [rep.in_sync_s for rep in repeats if rep.in_sync_s is not None]
+    note = f"{len(repeats)} kills; per repeat {[_s(x) for x in done]}"
+    lease = f"node lease TTL {LEASE_TTL_S:g} s"
+    rows: list[tuple[str, str, float | None, str]] = [
+        ("a", "kill -> first put issued after it acked, p50", _median(done), lease),
+        ("b", "kill -> first put issued after it acked, max", _max(done), note),
+        ("c", "longest gap between acked puts, p50", _median(gaps), lease),
+        ("d", "longest gap between acked puts, max", _max(gaps), f"{[_s(g) for g in gaps]}"),
+        ("e", "kill -> etcd drops the node (lease expiry), p50", _median(expired), lease),
+    ]
+    if model == "multi":
+        rows.append(
+            (
+                "f",
+                "restarted node listening -> its own copy has every acked put, p50",
+                _median(caught_up),
+                f"{[_s(x) for x in caught_up]}",
+            )
+        )
+    else:
+        rows.append(("f", "kill -> shard map names a new leader, p50", _median(promoted), lease))
+    for letter, measure, value, base in rows:
+        add(b.report, Row(f"{sec}{letter}", f"{what}: {measure}", value, "s", base, None))
+    lost = sum(rep.lost for rep in repeats)
+    after_restart = sum(rep.lost_after_restart or 0 for rep in repeats)
+    add(
+        b.report,
+        Row(
+            f"{sec}g",
+            f"{what}: acknowledged puts lost (read back {read_level} after each repeat, after"
+            " the restart, and at the end)",
+            float(lost + after_restart + final),
+            "items",
+            f"of {total:,} acknowledged; must be 0",
+            None,
+            note=f"after each repeat {lost}, after the restarts {after_restart}, at the end"
+            f" {final}; count() {count:,}; missing on the restarted replica"
+            f" {[rep.lost_on_rejoined for rep in repeats]}",
+        ),
+    )
+    if lost or after_restart or final:
+        err.log(
+            f"[red]{model}: LOST acknowledged writes: {lost} after the repeats,"
+            f" {after_restart} after the restarts, {final} at the end[/]"
+        )
+    return repeats
+
+
+async def phase_failover(b: Bench) -> dict[str, list[Repeat]]:
     admin = b.clients[0]
-    for name in [f"w{i}" for i in range(len(WRITE_VARIANTS))] + [READS]:
+    for name in (READS, READS_MULTI):
         try:
             await admin.drop_collection(name)
         except memcluster.MemclusterError as exc:
@@ -943,78 +1312,12 @@ async def phase_failover(b: Bench) -> list[Repeat]:
     for client in b.clients:  # their nodes restart in this phase, on new ports
         await client.close()
     b.clients.clear()
-    async with memcluster.AsyncClient(
-        cluster.nodes["n1"].mc_url, retries=0, timeout_s=60.0
-    ) as client:
-        await client.create_collection(FAILOVER, dim=args.dim, shards=1, replication_factor=3)
-    vectors = unit_vectors(1024, args.dim, args.seed + 3)
-    repeats: list[Repeat] = []
-    for r in range(args.repeats):
-        rep = await one_failover(b, r, vectors)
-        repeats.append(rep)
-        err.log(
-            f"failover {rep.repeat}/{args.repeats}: killed {rep.killed}"
-            f"{' (the controller)' if rep.killed_was_controller else ''}, writer on {rep.entry};"
-            f" lease gone {_s(rep.lease_expired_s)} s, new leader {rep.new_leader} at"
-            f" {_s(rep.promoted_s)} s, first put issued after the kill acked at"
-            f" {_s(rep.failover_s)} s, longest gap {rep.longest_gap_s:.2f} s; {rep.acked} acked,"
-            f" {rep.failed} failed, {rep.lost} lost; restart {_s(rep.restart_s)} s, back in"
-            f" sync {_s(rep.in_sync_s)} s later, {rep.lost_on_rejoined} missing on it"
-        )
-        if rep.errors:
-            err.log(f"  writer errors: {rep.errors}")
-    # Every acknowledged put of every repeat, once more, after all the failovers.
-    entry = next(n for n in NODES if cluster.nodes[n].running)
-    async with memcluster.AsyncClient(
-        cluster.nodes[entry].mc_url, retries=0, timeout_s=60.0
-    ) as client:
-        coll = await client.collection(FAILOVER)
-        final = 0
-        for rep in repeats:
-            final += await missing(
-                coll, f"f{rep.repeat}", rep.acked_keys, "strong", args.concurrency
-            )
-        count = await coll.count()
-    total = sum(rep.acked for rep in repeats)
-    b.report.details["failover"] = {
-        "repeats": [{k: v for k, v in asdict(rep).items() if k != "acked_keys"} for rep in repeats],
-        "lost_at_end": final,
-        "count_at_end": count,
-        "acked_total": total,
-    }
-    done = [rep.failover_s for rep in repeats if rep.failover_s is not None]
-    gaps = [rep.longest_gap_s for rep in repeats]
-    promoted = [rep.promoted_s for rep in repeats if rep.promoted_s is not None]
-    expired = [rep.lease_expired_s for rep in repeats if rep.lease_expired_s is not None]
-    note = f"{len(repeats)} kills; per repeat {[_s(x) for x in done]}"
-    lease = f"node lease TTL {LEASE_TTL_S:g} s"
-    rows = (
-        ("5a", "failover: kill -> first put issued after it acked, p50", _median(done), lease),
-        ("5b", "failover: kill -> first put issued after it acked, max", _max(done), note),
-        ("5c", "longest gap between acked puts, p50", _median(gaps), lease),
-        ("5d", "longest gap between acked puts, max", _max(gaps), f"{[_s(g) for g in gaps]}"),
-        ("5e", "kill -> etcd drops the node (lease expiry), p50", _median(expired), lease),
-        ("5f", "kill -> shard map names a new leader, p50", _median(promoted), lease),
-    )
-    for rid, measure, value, base in rows:
-        add(b.report, Row(rid, measure, value, "s", base, None))
-    lost = sum(rep.lost for rep in repeats)
-    add(
-        b.report,
-        Row(
-            "5g",
-            "acknowledged puts lost (read back after each repeat, and at the end)",
-            float(lost + final),
-            "items",
-            f"of {total:,} acknowledged; must be 0",
-            None,
-            note=f"after each repeat {lost}, at the end {final}; count() {count:,};"
-            f" missing on the restarted replica {[rep.lost_on_rejoined for rep in repeats]}",
-        ),
-    )
-    if lost or final:
-        err.log(f"[red]LOST acknowledged writes: {lost} after the repeats, {final} at the end[/]")
-    return repeats
+    out: dict[str, list[Repeat]] = {}
+    for model in b.args.failover:
+        t0 = time.perf_counter()
+        out[model] = await failover_model(b, model)
+        b.report.details["failover"][model]["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    return out
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -1032,11 +1335,19 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.replication", description=(__doc__ or "").split("\n")[0]
     )
-    p.add_argument("--seconds", type=float, default=3.0, help="length of each timed series")
+    p.add_argument("--seconds", type=float, default=1.5, help="length of each timed series")
     p.add_argument("--rounds", type=int, default=3, help="rounds in which the variants alternate")
     p.add_argument("--concurrency", type=int, default=8, help="calls in flight")
     p.add_argument("--batch", type=int, default=64, help="memories per batched put_many")
-    p.add_argument("--repeats", type=int, default=5, help="leader kills in the failover phase")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="kills per replication model in the failover phase"
+    )
+    p.add_argument(
+        "--failover",
+        type=lambda v: [m for m in v.split(",") if m],
+        default=list(FAILOVER_MODELS),
+        help="replication models whose failover is measured, in order (leader,chain,multi)",
+    )
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--shards", type=int, default=3, help="shards of the phase 1 and 2 collections")
     p.add_argument("--read-n", type=int, default=20_000, help="memories in the read collection")
@@ -1049,6 +1360,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("need --seconds > 0, --rounds >= 1, --concurrency >= 1, --repeats >= 0")
     if args.read_n < 1 or args.batch < 1 or args.shards < 1:
         p.error("need --read-n, --batch and --shards >= 1")
+    if not set(args.failover) <= set(FAILOVER_MODELS):
+        p.error(f"--failover takes a comma-separated list of {', '.join(FAILOVER_MODELS)}")
     return args
 
 
@@ -1147,38 +1460,54 @@ def writes_table(d: dict[str, Any], batch: int) -> Table:
 
 
 def reads_table(d: dict[str, Any]) -> Table:
-    table = Table(title="reads on RF3 (clients on all 3 nodes)")
+    table = Table(
+        title="reads on RF3 (clients on all 3 nodes): leader-follower strong / eventual,"
+        " multi (ack=majority) quorum / eventual"
+    )
     for name in (
         "operation",
-        "strong ops/s",
+        "collection",
+        "level",
+        "ops/s",
         "p50 ms",
         "p99 ms",
-        "eventual ops/s",
-        "p50 ms",
-        "p99 ms",
-        "eventual / strong",
-        "node CPU ms/op strong / eventual",
+        "vs leader strong",
+        "vs same collection's eventual",
+        "node CPU ms/op",
     ):
-        table.add_column(name, justify="left" if name == "operation" else "right")
+        left = name in ("operation", "collection", "level")
+        table.add_column(name, justify="left" if left else "right")
     for op in ("get", "search"):
-        s, e = d[f"{op} strong"], d[f"{op} eventual"]
-        table.add_row(
-            op if op == "get" else "search k=10",
-            f"{s['rate']:,.0f}",
-            f"{s['p50_ms']:.1f}",
-            f"{s['p99_ms']:.1f}",
-            f"{e['rate']:,.0f}",
-            f"{e['p50_ms']:.1f}",
-            f"{e['p99_ms']:.1f}",
-            f"{e['rate'] / s['rate']:.2f}x",
-            f"{s['node_cpu_ms_per_call']:.2f} / {e['node_cpu_ms_per_call']:.2f}",
-        )
+        strong = d[f"{op} strong"]
+        for variant, coll, level, base in (
+            (f"{op} strong", "leader", "strong", f"{op} eventual"),
+            (f"{op} eventual", "leader", "eventual", None),
+            (f"{op} multi quorum", "multi", "quorum", f"{op} multi eventual"),
+            (f"{op} multi eventual", "multi", "eventual", None),
+        ):
+            s = d[variant]
+            table.add_row(
+                op if op == "get" else "search k=10",
+                coll,
+                level,
+                f"{s['rate']:,.0f}",
+                f"{s['p50_ms']:.1f}",
+                f"{s['p99_ms']:.1f}",
+                f"{s['rate'] / strong['rate']:.2f}x",
+                "-" if base is None else f"{s['rate'] / d[base]['rate']:.2f}x",
+                f"{s['node_cpu_ms_per_call']:.2f}",
+            )
     return table
 
 
-def failover_table(d: dict[str, Any]) -> Table:
+def failover_table(model: str, d: dict[str, Any]) -> Table:
+    c = d["collection"]
+    kills = "a replica (the writer writes through another)" if model == "multi" else "the leader"
+    if model == "chain":
+        kills = "the head"
     table = Table(
-        title="failover: SIGKILL of the shard leader under single puts (seconds from the kill)"
+        title=f"failover, {model} (ack={c['ack']}): SIGKILL of {kills} under single puts"
+        " (seconds from the kill)"
     )
     for name in (
         "#",
@@ -1193,17 +1522,21 @@ def failover_table(d: dict[str, Any]) -> Table:
         "failed",
         "lost",
         "restart",
-        "back in sync",
+        "caught up" if model == "multi" else "back in sync",
         "missing on rejoined",
+        f"lost after restart ({c['read_back']})",
     ):
         table.add_column(name, justify="left" if name in ("killed", "writer on") else "right")
     for rep in d["repeats"]:
+        tags = (" (ctrl)" if rep["killed_was_controller"] else "") + (
+            " (map leader)" if model == "multi" and rep["killed_was_map_leader"] else ""
+        )
         table.add_row(
             str(rep["repeat"]),
-            rep["killed"] + (" (ctrl)" if rep["killed_was_controller"] else ""),
+            rep["killed"] + tags,
             rep["entry"],
             _s(rep["lease_expired_s"]),
-            f"{_s(rep['promoted_s'])} ({rep['new_leader']})",
+            "-" if rep["promoted_s"] is None else f"{_s(rep['promoted_s'])} ({rep['new_leader']})",
             _s(rep["failover_s"]),
             _s(rep["longest_gap_s"]),
             _s(rep["in_flight_s"]),
@@ -1213,6 +1546,7 @@ def failover_table(d: dict[str, Any]) -> Table:
             _s(rep["restart_s"]),
             _s(rep["in_sync_s"]),
             str(rep["lost_on_rejoined"]),
+            str(rep["lost_after_restart"]),
         )
     return table
 
@@ -1257,23 +1591,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" loading {p['read_n']:,} memories took {d['reads']['load_s']} s",
         highlight=False,
     )
-    f = d["failover"]
-    out.print(failover_table(f))
     rows = {row.id: row for row in report.rows}
-    out.print(
-        f"  kill -> first put issued after the kill acknowledged: p50 {_s(rows['5a'].value)} s,"
-        f" max {_s(rows['5b'].value)} s; longest gap between acknowledged puts: p50"
-        f" {_s(rows['5c'].value)} s, max {_s(rows['5d'].value)} s; kill -> lease gone p50"
-        f" {_s(rows['5e'].value)} s, -> new leader named p50 {_s(rows['5f'].value)} s",
-        highlight=False,
-    )
-    lost = [r["lost"] for r in f["repeats"]]
-    out.print(
-        f"  LOST acknowledged writes: {sum(lost) + f['lost_at_end']} (after each repeat {lost},"
-        f" all of them again at the end {f['lost_at_end']}) of {f['acked_total']:,}"
-        f" acknowledged; count() {f['count_at_end']:,}",
-        highlight=False,
-    )
+    for model, f in d.get("failover", {}).items():
+        out.print(failover_table(model, f))
+        sec = FAILOVER_SECTION[model]
+        sixth = (
+            "restarted node listening -> its copy has every acked put"
+            if model == "multi"
+            else "kill -> new leader named"
+        )
+        out.print(
+            f"  {model}: kill -> first put issued after the kill acknowledged: p50"
+            f" {_s(rows[sec + 'a'].value)} s, max {_s(rows[sec + 'b'].value)} s; longest gap"
+            f" between acknowledged puts: p50 {_s(rows[sec + 'c'].value)} s, max"
+            f" {_s(rows[sec + 'd'].value)} s; kill -> lease gone p50 {_s(rows[sec + 'e'].value)}"
+            f" s, {sixth} p50 {_s(rows[sec + 'f'].value)} s",
+            highlight=False,
+        )
+        lost = [r["lost"] for r in f["repeats"]]
+        after = [r["lost_after_restart"] for r in f["repeats"]]
+        out.print(
+            f"  {model}: LOST acknowledged writes: {rows[sec + 'g'].value:.0f} (after each repeat"
+            f" {lost}, after the restarts {after}, all of them again at the end"
+            f" {f['lost_at_end']}) of {f['acked_total']:,} acknowledged, read back"
+            f" {f['collection']['read_back']}; count() {f['count_at_end']:,}",
+            highlight=False,
+        )
     errors = d.get("call_errors", {})
     out.print(f"  failed calls in timed series: {errors or 'none'}", highlight=False)
     problems = d.get("log_problems", {})
