@@ -437,3 +437,21 @@ def test_a_replica_restarted_after_a_state_transfer_sends_state_not_a_broken_log
     assert taker.missing({"a": 5}, 10) is None  # not an IndexError
     assert taker.missing({"a": 10}, 10) == []
     taker.validate()
+
+
+def test_a_peer_that_shows_it_is_up_is_tried_at_once_despite_its_backoff() -> None:
+    """After failures a peer is left alone for a while; a write that needs its copy would
+    wait that out. Once it shows it is up (it sends an exchange), it is tried at once."""
+    sync = MultiSync("a", ["a", "b"], origin="a~0", interval_s=0.5, backoff_max_s=5.0)
+    pull = sync.due(0.0)
+    assert pull == [Exchange(Kind.PULL, "b")]
+    sync.done(pull[0], 0.0, {})
+    now = 0.0
+    for _ in range(5):  # b dies: the exchanges fail and back off up to 5 s
+        now += 5.0
+        for ex in sync.due(now):
+            sync.failed(ex, now)
+    sync.wrote()
+    assert sync.due(now + 1.0) == []  # backing off
+    sync.alive("b")
+    assert {ex.kind for ex in sync.due(now + 1.0)} == {Kind.PUSH, Kind.PULL}

@@ -264,18 +264,28 @@ class MultiDriver:
     # -- answering peers (the peer pool) -------------------------------------------------------
 
     def on_push(self, b: wire.MultiPush) -> wire.VersionVector:
+        self._alive(b.sender)
         return wire.VersionVector(answer_push(self.shard, b.records))
 
     def on_pull(self, b: wire.MultiPull) -> PullReply:
+        self._alive(b.sender)
         return answer_pull(self.shard, b.request, BATCH_RECORDS)
+
+    def _alive(self, peer: str) -> None:
+        with self._lock:
+            self.sync.alive(peer)
+        self.loop.call_soon_threadsafe(self._wake.set)
 
     # -- the map -------------------------------------------------------------------------------
 
     def nodes_down(self, down: frozenset[str]) -> None:
         """The shard's replicas whose nodes are not in the cluster now."""
         with self._changed:
+            for peer in self._down - down:
+                self.sync.alive(peer)  # back in the cluster
             self._down = down
             self._changed.notify_all()
+        self.loop.call_soon_threadsafe(self._wake.set)
 
     def update(self, assignment: ShardAssignment, revision: int) -> State:
         """A new shard-map entry: the peers may have changed. Every replica takes writes."""

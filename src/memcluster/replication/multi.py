@@ -18,8 +18,11 @@ each peer, and counts acknowledgements:
   reported a version vector holding its ``oseq`` (this replica made it durable already).
 
 A failed exchange backs off (doubling from ``interval_s`` to ``backoff_max_s``); a peer that
-answers again is pulled at once. The driver (``memcluster.cluster.multi`` in production, the
-seeded simulator in ``tests/test_multi_sim.py``) carries out the actions.
+shows it is up again (it sends an exchange, or its node is back in the cluster) is tried at
+once, so a write waiting for its copy does not wait out the backoff.
+
+The driver (``memcluster.cluster.multi`` in production, the seeded simulator in
+``tests/test_multi_sim.py``) carries out the actions.
 """
 
 from __future__ import annotations
@@ -210,6 +213,14 @@ class MultiSync:
         else:
             peer.pulling = False
             peer.next_pull = now if more else now + self.interval_s
+
+    def alive(self, peer: str) -> None:
+        """``peer`` showed it is up (it sent us an exchange, or its node is back in the
+        cluster): end its backoff, so writes waiting for its copy do not wait it out."""
+        state = self._peers.get(peer)
+        if state is not None and state.backoff:
+            state.backoff = 0.0
+            state.next_pull = 0.0
 
     def failed(self, exchange: Exchange, now: float) -> None:
         """An exchange failed (the peer is down, cut off, or refused): back off."""
