@@ -416,11 +416,11 @@ class DataPlane:
             if memory is not None:
                 found = memory
                 break
-        deleted = 0
-        if found is None and len(b.shards) == 1 and b.eventual:
+        stamp = None
+        if len(b.shards) == 1 and b.eventual:
             shard = self.host.any_reader((b.collection, b.shards[0]))
-            deleted = shard.deleted_at(b.namespace, b.key)
-        return wire.ShardGetReply(found, seqs, deleted)
+            stamp = shard.stamp_of(b.namespace, b.key)
+        return wire.ShardGetReply(found, seqs, stamp)
 
     def _locate(self, b: wire.ShardLocate) -> wire.Located:
         found: dict[int, list[tuple[int, int, float]]] = {}

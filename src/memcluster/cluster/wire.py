@@ -57,9 +57,11 @@ class ShardGetReply(msgspec.Struct):
     memory: Memory | None
     seqs: dict[int, int] = {}
     """A session read: the applied seq of each shard that answered."""
-    deleted: int = 0
-    """A ``multi`` collection's replica without the memory: the HLC stamp of its delete (0:
-    never written here), so a quorum read can tell a newer delete from a missed put."""
+    stamp: tuple[int, str, int] | None = None
+    """A ``multi`` collection's eventual read of one shard: the stamp (hlc, origin, 1 for a
+    delete) of what the replica holds for the key, a tombstone included (None: never written
+    there), so a quorum read picks the same winner as the replicas, and tells a newer delete
+    from a missed put."""
 
 
 class ShardDelete(msgspec.Struct, kw_only=True):

@@ -988,12 +988,10 @@ class ClusterCollection:
                 ),
                 wire.ShardGetReply,
             )
-            # The newest write wins: a memory, or the delete (tombstone) of one.
-            newest = max(  # an expiry's tombstone has its put's stamp, and wins
-                quorum,
-                key=lambda g: (g.deleted, 1) if g.memory is None else (g.memory.version, 0),
-            )
-            return newest.memory, None
+            # The replicas' rule: the highest stamp wins, a memory's or its tombstone's (an
+            # expired memory not yet swept reads as absent but keeps its put's stamp).
+            newest = max(quorum, key=lambda g: g.stamp or (0, "", 0))
+            return newest.memory if newest.stamp and not newest.stamp[2] else None, None
 
         def read(need: dict[int, int] | None) -> list[wire.ShardGetReply]:
             replies, _ = self._store.scatter(
@@ -1110,22 +1108,27 @@ class ClusterCollection:
         shards = self._sharder.search_shards(prefix, flt, query, nprobe)
         missing: list[str] = []
 
+        def body(
+            group: list[int], need: dict[int, int] | None = None, any_copy: bool = eventual
+        ) -> wire.ShardSearch:
+            return wire.ShardSearch(
+                collection=self.name,
+                shards=group,
+                vector=query,
+                k=k,
+                namespace=prefix,
+                filter=flt,
+                include_vectors=include_vectors,
+                eventual=any_copy,
+                session=None if need is None else {n: need.get(n, 0) for n in group},
+            )
+
         def read(need: dict[int, int] | None) -> list[wire.ShardHits]:
             replies, lost = self._store.scatter(
                 self.name,
                 shards,
                 "shard.search",
-                lambda group: wire.ShardSearch(
-                    collection=self.name,
-                    shards=group,
-                    vector=query,
-                    k=k,
-                    namespace=prefix,
-                    filter=flt,
-                    include_vectors=include_vectors,
-                    eventual=eventual,
-                    session=None if need is None else {n: need.get(n, 0) for n in group},
-                ),
+                lambda group: body(group, need),
                 wire.ShardHits,
                 allow_partial=bool(allow_partial),
                 any_replica=eventual or need is not None,
@@ -1140,16 +1143,7 @@ class ClusterCollection:
                 shards,
                 r,
                 "shard.search",
-                lambda group: wire.ShardSearch(
-                    collection=self.name,
-                    shards=group,
-                    vector=query,
-                    k=k,
-                    namespace=prefix,
-                    filter=flt,
-                    include_vectors=include_vectors,
-                    eventual=True,
-                ),
+                lambda group: body(group, any_copy=True),
                 wire.ShardHits,
             )
             token = None

@@ -464,12 +464,12 @@ class Shard:
             raise InvalidState(f"{self.name}: not a replica of a replication='multi' collection")
         return self.lww
 
-    def deleted_at(self, namespace: tuple[str, ...], key: str) -> int:
-        """``multi`` collections: the HLC stamp of the delete of this memory that this
-        replica holds (its tombstone), 0 if none (or not a ``multi`` shard)."""
+    def stamp_of(self, namespace: tuple[str, ...], key: str) -> tuple[int, str, int] | None:
+        """``multi`` collections: the stamp (hlc, origin, 1 for a delete) of what this
+        replica holds for the key, its tombstone included; None if never written here (or
+        not a ``multi`` shard)."""
         with self.lock:
-            stamp = None if self.lww is None else self.lww.stamp_of((namespace, key))
-        return stamp[0] if stamp is not None and stamp[2] else 0
+            return None if self.lww is None else self.lww.stamp_of((namespace, key))
 
     def version_vector(self, durable: bool = False) -> dict[str, int]:
         """Which writes this replica holds: origin -> the highest ``oseq`` applied. With
