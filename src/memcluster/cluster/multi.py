@@ -33,7 +33,6 @@ from memcluster.replication.multi import (
     Kind,
     MultiSync,
     PullReply,
-    PullRequest,
     answer_pull,
     answer_push,
     write_quorum,
@@ -340,4 +339,4 @@ class MultiDriver:
             self._changed.notify_all()
 
 
-__all__ = ["MultiDriver", "PullRequest"]
+__all__ = ["MultiDriver"]

@@ -42,11 +42,6 @@ def hlc_of(wall_s: float) -> int:
     return int(wall_s * 1000) << LOGICAL_BITS
 
 
-def hlc_seconds(hlc: int) -> float:
-    """The wall-clock time (seconds since the epoch) of an HLC stamp."""
-    return (hlc >> LOGICAL_BITS) / 1000
-
-
 class LwwState(msgspec.Struct, array_like=True):
     """What a snapshot keeps of :class:`Lww` (the origin index is rebuilt from the WAL)."""
 
@@ -91,9 +86,6 @@ class Lww:
 
     def stamp_of(self, key: Key) -> Stamp | None:
         return self.stamps.get(key)
-
-    def tombstones(self) -> int:
-        return sum(1 for stamp in self.stamps.values() if stamp[2])
 
     # -- the log -------------------------------------------------------------------------------
 
